@@ -1,0 +1,115 @@
+"""The `flashmem` command: `demo`, `run` (a model folder under a budget) and `plan` (print or save one)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import FlashmemError
+
+
+def _inputs(folder: Path, prompt: str | None, tokens: int):
+    """Token ids for a prompt (with the folder's tokenizer) or `tokens` ids when there is no prompt."""
+    import torch
+
+    if prompt is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise FlashmemError(f"{folder} has no tokenizer for --prompt ({err}); pass --tokens N instead") from None
+        return tok, tok(prompt, return_tensors="pt")["input_ids"]
+    return None, torch.arange(tokens).unsqueeze(0)
+
+
+def cmd_run(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from . import from_pretrained
+    from .units import fmt_bytes
+
+    console = Console()
+    tok, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
+    t0 = time.perf_counter()
+    sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,))
+    console.print(f"[bold]{sm.plan.summary(sm.program)}[/] (traced and planned in {time.perf_counter() - t0:.2f} s)")
+    with torch.no_grad():
+        if tok is not None and args.new_tokens > 0:
+            out = sm.generate(ids.to(sm.device), max_new_tokens=args.new_tokens, do_sample=False)
+            console.print(tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True))
+        else:
+            out = sm(ids)
+            logits = getattr(out, "logits", out)
+            console.print(f"output {tuple(logits.shape)}, argmax of the last position: "
+                          f"{int(logits[0, -1].argmax())}")
+    s = sm.stats
+    console.print(f"last call: {s.wall_s * 1e3:.1f} ms, peak {fmt_bytes(s.peak_bytes)}, "
+                  f"streamed {fmt_bytes(s.streamed_bytes)}, stalled {s.stall_s * 1e3:.1f} ms")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import from_pretrained
+
+    _, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
+    sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,))
+    text = sm.plan.to_json(sm.program)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"{sm.plan.summary(sm.program)}\nwrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(prompt=args.prompt, new_tokens=args.new_tokens, budget_fraction=args.budget_fraction,
+                    device=args.device)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashmem", description="Run models under a hard memory budget by "
+                                "streaming weights in while they compute.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("folder", help="model folder: config.json plus *.safetensors")
+        sp.add_argument("--budget", required=True, help="device memory budget, e.g. 512MiB, 1.5GiB, 2GB")
+        sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        sp.add_argument("--prompt", help="text to feed (needs the folder's tokenizer)")
+        sp.add_argument("--tokens", type=int, default=8, help="without --prompt: trace with this many token ids")
+
+    run = sub.add_parser("run", help="run a model folder under a budget")
+    model_args(run)
+    run.add_argument("--new-tokens", type=int, default=32, help="tokens to generate after --prompt")
+    run.set_defaults(func=cmd_run)
+    plan = sub.add_parser("plan", help="print or save the plan for a model folder and budget")
+    model_args(plan)
+    plan.add_argument("--out", help="write the plan's JSON here instead of printing it")
+    plan.set_defaults(func=cmd_plan)
+    demo = sub.add_parser("demo", help="SmolLM2-135M-Instruct answers a prompt at a quarter of its bytes")
+    demo.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    demo.add_argument("--new-tokens", type=int, default=24)
+    demo.add_argument("--budget-fraction", type=float, default=0.25)
+    demo.add_argument("--device", default="cpu")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FlashmemError as err:
+        print(f"flashmem: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Errors flashmem raises. Every one derives from `FlashmemError` and says what failed, the numbers
+in human units, and the fix."""
+
+
+class FlashmemError(Exception):
+    """Base class of every error flashmem raises on purpose."""
+
+
+class BudgetTooSmall(FlashmemError):
+    """The memory budget cannot hold what one op needs at once. Raised before any streamed call."""
+
+    def __init__(self, message: str, *, op: str, need_bytes: int, budget_bytes: int):
+        super().__init__(message)
+        self.op = op
+        self.need_bytes = need_bytes
+        self.budget_bytes = budget_bytes
+
+
+class BadBudget(FlashmemError, ValueError):
+    """A budget that does not parse or is not positive."""
+
+
+class BadModelFolder(FlashmemError):
+    """A model folder that is missing files, holds unreadable weights or does not match its config."""
+
+
+class DeviceUnavailable(FlashmemError):
+    """The requested device is not there (no CUDA GPU, for instance)."""
+
+
+class TraceMismatch(FlashmemError):
+    """The model ran ops in another order than the traced one, so the plan does not apply."""
+
+
+class PlanInvalid(FlashmemError):
+    """A plan failed the independent checker; it is never executed."""

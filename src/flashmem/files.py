@@ -1,0 +1,115 @@
+"""Safetensors files on storage: where each tensor's bytes lie, checked against the files' sizes.
+
+flashmem reads weights straight into its own buffers (pinned host memory on CUDA, the RAM arena on the
+CPU), so it needs each tensor's byte range rather than a tensor: the safetensors header (8-byte
+little-endian length, then JSON) gives it. Writing uses the safetensors library itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadModelFolder
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """One tensor's bytes in one safetensors file."""
+    path: str
+    offset_bytes: int  # from the start of the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorLocation]:
+    """Locations of every tensor in one safetensors file, validated against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BadModelFolder(f"{path} is {size} bytes, too short to be a safetensors file; "
+                                 f"re-download or re-convert it")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100 * 2**20:
+            raise BadModelFolder(f"{path}: header length {header_len} does not fit in the file's {size} "
+                                 f"bytes; the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadModelFolder(f"{path}: the safetensors header is not valid JSON ({err}); "
+                                 f"the file is corrupted") from None
+    data_start = 8 + header_len
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise BadModelFolder(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which flashmem "
+                                 f"does not stream; supported: {', '.join(_DTYPES)}")
+        begin, end = entry["data_offsets"]
+        shape = tuple(int(d) for d in entry["shape"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if end - begin != nbytes:
+            raise BadModelFolder(f"{path}: tensor {name!r} spans {end - begin} bytes but shape {shape} "
+                                 f"of {dtype} needs {nbytes}; the file is corrupted")
+        if data_start + end > size:
+            raise BadModelFolder(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has "
+                                 f"{size} bytes; the file is truncated, re-download it")
+        out[name] = TensorLocation(str(path), data_start + begin, nbytes, dtype, shape)
+    return out
+
+
+def index_folder(folder: Path) -> dict[str, TensorLocation]:
+    """Locations of every tensor of a model folder (one model.safetensors or an index of shards)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (folder / shard).resolve()
+            if folder.resolve() not in shard_path.parents:
+                raise BadModelFolder(f"{index} names shard {shard!r}, which lies outside the model folder; "
+                                     f"refusing to read it")
+            files.append(shard_path)
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise BadModelFolder(f"no *.safetensors files in {folder} (found: {', '.join(found) or 'nothing'}); "
+                             f"flashmem streams safetensors only; convert the checkpoint with "
+                             f"`model.save_pretrained(folder, safe_serialization=True)`")
+    out: dict[str, TensorLocation] = {}
+    for path in files:
+        if not path.exists():
+            raise BadModelFolder(f"shard {path.name} named by the index is missing from {folder}")
+        out.update(read_header(path))
+    return out
+
+
+def pread_into(fd: int, offset_bytes: int, dst: memoryview) -> None:
+    """Fill `dst` from file `fd` at `offset_bytes`, looping over short reads."""
+    done = 0
+    total = len(dst)
+    while done < total:
+        n = os.preadv(fd, [dst[done:]], offset_bytes + done)
+        if n <= 0:
+            raise BadModelFolder(f"read of {total} bytes at offset {offset_bytes} stopped after {done} bytes; "
+                                 f"the file is truncated")
+        done += n

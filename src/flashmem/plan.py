@@ -1,0 +1,242 @@
+"""Plans: which weights stay resident and when each other weight's load starts and where it lands.
+
+A plan is made once per model, budget, device and input signature, before any streamed call. The device
+memory flashmem holds is one arena: resident weights at `[0, resident_bytes)`, streamed weights above.
+A `Load` is issued when op `start_step` is entered, must be complete before op `first_use` runs, and
+its bytes are released when op `release_op` exits (after op `last_use`, the last op that needs it).
+
+`simple_plan` keeps what fits resident and prefetches the rest through a ring as early as the arena
+allows; the solver-made plans fill the same format.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from .errors import BudgetTooSmall
+from .trace import Program
+from .units import align_up, fmt_bytes
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Load:
+    """One copy of one weight into the arena, for a run of consecutive uses."""
+    weight: int
+    start_step: int
+    first_use: int
+    last_use: int
+    release_op: int
+    offset_bytes: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A weight that stays in the arena between calls."""
+    weight: int
+    offset_bytes: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    signature: str
+    budget_bytes: int
+    arena_bytes: int
+    resident_bytes: int
+    activation_bytes: int  # reserved for activations on the device
+    buffer_bytes: int  # module buffers, on the device for good
+    alignment: int
+    residents: tuple[Resident, ...]
+    loads: tuple[Load, ...]
+    n_ops: int
+    status: str  # "simple" for the ring plan; the solver reports "optimal", "feasible" or "fallback"
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Weight bytes copied into the arena by one call."""
+        return sum(load.nbytes for load in self.loads)
+
+    @property
+    def total_bytes(self) -> int:
+        """Device bytes the plan may hold at once: arena, buffers and the activation reserve."""
+        return self.arena_bytes + self.buffer_bytes + self.activation_bytes
+
+    def to_json(self, program: Program | None = None) -> str:
+        """The plan as JSON; with the program, weights and ops are named."""
+        doc = asdict(self)
+        doc["format"] = PLAN_FORMAT
+        if program is not None:
+            doc["weight_names"] = [w.name for w in program.weights]
+            doc["op_modules"] = [op.module for op in program.ops]
+        return json.dumps(doc, indent=1)
+
+    def summary(self, program: Program) -> str:
+        n_streamed = len({load.weight for load in self.loads})
+        return (f"plan ({self.status}) on {self.device}: budget {fmt_bytes(self.budget_bytes)}; "
+                f"{len(self.residents)} weights resident ({fmt_bytes(self.resident_bytes)}), "
+                f"{n_streamed} streamed ({fmt_bytes(self.streamed_bytes)} per call) through a "
+                f"{fmt_bytes(self.arena_bytes - self.resident_bytes)} ring; "
+                f"{fmt_bytes(self.activation_bytes)} kept for activations; {len(program.ops)} ops")
+
+
+@dataclass(frozen=True)
+class UseRun:
+    """Consecutive uses of one weight that one load serves."""
+    weight: int
+    first_use: int
+    last_use: int
+    release_op: int
+
+
+def use_runs(program: Program) -> list[UseRun]:
+    """Each weight's uses, merged where one use starts before or right after the previous one ends."""
+    uses: dict[int, list[tuple[int, int]]] = {}
+    for op in program.ops:
+        for w in op.weights:
+            uses.setdefault(w, []).append((op.index, op.end_index))
+    runs = []
+    for w, spans in uses.items():
+        first, last, release = spans[0][0], spans[0][1], spans[0][0]
+        for begin, end in spans[1:]:
+            if begin <= last + 1:
+                if end > last:
+                    last, release = end, begin
+            else:
+                runs.append(UseRun(w, first, last, release))
+                first, last, release = begin, end, begin
+        runs.append(UseRun(w, first, last, release))
+    return sorted(runs, key=lambda r: (r.first_use, r.weight))
+
+
+def _minimum_ring(program: Program, runs: list[UseRun], alignment: int) -> tuple[int, int]:
+    """(bytes, op) of the most weight bytes that must be in place at once if nothing is resident."""
+    live = [0] * len(program.ops)
+    for r in runs:
+        size = align_up(program.weights[r.weight].nbytes, alignment)
+        for step in range(r.first_use, r.last_use + 1):
+            live[step] += size
+    step = max(range(len(live)), key=live.__getitem__)
+    return live[step], step
+
+
+class _Ring:
+    """Last occupant of each byte range of the ring: sorted, disjoint [begin, end, last_use) segments."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.segments: list[tuple[int, int, int]] = []  # (begin, end, last_use)
+
+    def conflict(self, begin: int, end: int, first_use: int) -> int | None:
+        """End of a segment in [begin, end) still needed at `first_use`, or None."""
+        for b, e, last in self.segments:
+            if b < end and begin < e and last >= first_use:
+                return e
+        return None
+
+    def free_step(self, begin: int, end: int) -> int:
+        return max((last + 1 for b, e, last in self.segments if b < end and begin < e), default=0)
+
+    def occupy(self, begin: int, end: int, last_use: int) -> None:
+        kept = []
+        for b, e, last in self.segments:
+            if e <= begin or b >= end:
+                kept.append((b, e, last))
+                continue
+            if b < begin:
+                kept.append((b, begin, last))
+            if e > end:
+                kept.append((end, e, last))
+        kept.append((begin, end, last_use))
+        self.segments = sorted(kept)
+
+
+def _place(program: Program, runs: list[UseRun], ring_base: int, ring_bytes: int,
+           alignment: int) -> list[Load] | None:
+    """Loads for `runs` in a ring of `ring_bytes` (circular first fit), or None if one cannot be placed."""
+    ring = _Ring(ring_bytes)
+    loads = []
+    cursor, prev_start = 0, 0
+    for r in runs:
+        nbytes = program.weights[r.weight].nbytes
+        size = align_up(nbytes, alignment)
+        if size > ring_bytes:
+            return None
+        offset, wrapped = cursor, False
+        while True:
+            if offset + size > ring_bytes:
+                if wrapped:
+                    return None
+                offset, wrapped = 0, True
+            blocker = ring.conflict(offset, offset + size, r.first_use)
+            if blocker is None:
+                break
+            offset = align_up(blocker, alignment)
+            if wrapped and offset >= cursor:
+                return None
+        start = max(prev_start, ring.free_step(offset, offset + size))
+        ring.occupy(offset, offset + size, r.last_use)
+        loads.append(Load(r.weight, start, r.first_use, r.last_use, r.release_op, ring_base + offset, nbytes))
+        cursor, prev_start = offset + size, start
+    return loads
+
+
+def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: int,
+                activation_bytes: int, granularity: int = 1) -> "Plan":
+    """Keep what fits resident (in order of first use), stream the rest through a ring, each load
+    starting as soon as the bytes it lands on are free. Raises BudgetTooSmall if nothing fits."""
+    runs = use_runs(program)
+    fixed = activation_bytes + program.buffer_bytes
+    avail = (budget_bytes - fixed) // granularity * granularity
+    need, need_step = _minimum_ring(program, runs, alignment)
+    if avail < need:
+        total_need = align_up(need, granularity) + fixed
+        op = program.ops[need_step]
+        raise BudgetTooSmall(
+            f"op {op.index} ({op.module!r}) needs {fmt_bytes(need)} of weights in place at once, plus "
+            f"{fmt_bytes(activation_bytes)} for activations and {fmt_bytes(program.buffer_bytes)} of buffers: "
+            f"{fmt_bytes(total_need)} in all, but the budget is {fmt_bytes(budget_bytes)}; raise the budget to "
+            f"at least {fmt_bytes(total_need)}", op=op.module, need_bytes=total_need, budget_bytes=budget_bytes)
+
+    sizes = {w.index: align_up(w.nbytes, alignment) for w in program.weights}
+    first_use: dict[int, int] = {}
+    for r in runs:  # runs are in order of first use
+        first_use.setdefault(r.weight, r.first_use)
+    used = list(first_use)
+    if sum(sizes[w] for w in used) <= avail:
+        order = used  # everything fits: all resident, nothing streamed
+    else:
+        ring_target = min(avail, 2 * need)
+        order, total = [], 0
+        for w in used:
+            if total + sizes[w] <= avail - ring_target:
+                order.append(w)
+                total += sizes[w]
+    while True:
+        resident_bytes = sum(sizes[w] for w in order)
+        kept = set(order)
+        streamed = [r for r in runs if r.weight not in kept]
+        ring_bytes = avail - resident_bytes if streamed else 0
+        loads = _place(program, streamed, resident_bytes, ring_bytes, alignment) if streamed else []
+        if loads is not None:
+            break
+        if not order:
+            op = program.ops[need_step]
+            raise BudgetTooSmall(
+                f"the weights of op {op.index} ({op.module!r}) and its neighbours cannot be placed in "
+                f"{fmt_bytes(avail)} of arena ({fmt_bytes(budget_bytes)} budget less "
+                f"{fmt_bytes(fixed)} for activations and buffers); raise the budget to at least "
+                f"{fmt_bytes(budget_bytes + need)}", op=op.module, need_bytes=budget_bytes + need,
+                budget_bytes=budget_bytes)
+        order = order[:-1]
+    residents, offset = [], 0
+    for w in order:
+        residents.append(Resident(w, offset, program.weights[w].nbytes))
+        offset += sizes[w]
+    return Plan(device=device, signature=program.signature, budget_bytes=budget_bytes,
+                arena_bytes=resident_bytes + ring_bytes, resident_bytes=resident_bytes,
+                activation_bytes=activation_bytes, buffer_bytes=program.buffer_bytes, alignment=alignment,
+                residents=tuple(residents), loads=tuple(loads), n_ops=len(program.ops), status="simple")

@@ -1,0 +1,104 @@
+"""`flashmem.from_pretrained`: a Hugging Face-style model folder (config.json plus *.safetensors),
+built on the meta device and streamed from its files without a full copy in RAM.
+
+On CUDA every weight is read once from the files into pinned host memory; on the CPU the weights stay
+in the files and are read into the RAM arena as the plan says, so RAM holds no more than the budget.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BadModelFolder
+from .files import index_folder
+from .store import FileStore, HostStore
+from .streamed import StreamedModel, build
+from .trace import ModelWeights
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    raise BadModelFolder(f"config.json names architectures {getattr(config, 'architectures', None)!r}, none of "
+                         f"which transformers {transformers.__version__} provides; build the model yourself "
+                         f"and use flashmem.stream(model, ...)")
+
+
+def build_on_meta(path: Path, dtype: torch.dtype | None, trust_remote_code: bool = False) -> nn.Module:
+    """The model of a folder with its parameters on the meta device (buffers real, on the CPU)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    if not (path / "config.json").exists():
+        raise BadModelFolder(f"{path} has no config.json; a model folder holds config.json and *.safetensors")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = _model_class(config)
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    return model.eval()
+
+
+def _file_dtype(locations) -> torch.dtype | None:
+    for loc in locations.values():
+        if loc.dtype.is_floating_point:
+            return loc.dtype
+    return None
+
+
+def from_pretrained(path: str | Path, budget, device: str = "cpu", example_inputs: tuple | None = None,
+                    example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False) -> StreamedModel:
+    """Stream the model in folder `path` under `budget` on `device`.
+
+    example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
+    floating dtype. `trust_remote_code` stays off unless you turn it on: a model folder is untrusted input.
+    """
+    path = Path(path)
+    locations = index_folder(path)
+    dtype = dtype or _file_dtype(locations)
+    model = build_on_meta(path, dtype, trust_remote_code)
+    for name, buf in model.named_buffers():
+        if name in locations:
+            loc = locations[name]
+            src = FileStore([loc])
+            tmp = torch.empty(loc.nbytes, dtype=torch.uint8)
+            src.read_into(0, tmp)
+            src.close()
+            buf.copy_(tmp.view(loc.dtype).view(loc.shape))
+    if example_inputs is None and example_kwargs is None:
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab is None:
+            raise BadModelFolder("pass example_inputs: flashmem traces the model with one real input")
+        example_inputs = (torch.arange(8).remainder(vocab).unsqueeze(0),)
+
+    def source(mw: ModelWeights, tensors, device):
+        found = []
+        for w in mw.weights:
+            names = [f"{m}.{a}" if m else a for m, a in w.slots]
+            loc = next((locations[n] for n in names if n in locations), None)
+            if loc is None:
+                raise BadModelFolder(f"weight {w.name!r} (shape {w.shape}) is in none of the safetensors files of "
+                                     f"{path}; the folder is incomplete or for another model")
+            if loc.shape != w.shape:
+                raise BadModelFolder(f"weight {w.name!r} has shape {loc.shape} in {Path(loc.path).name} but the "
+                                     f"model built from config.json expects {w.shape}; the config and the "
+                                     f"weights are for different models")
+            if loc.dtype != w.dtype:
+                raise BadModelFolder(f"weight {w.name!r} is {loc.dtype} in {Path(loc.path).name} but the model "
+                                     f"was built in {w.dtype}; pass dtype={loc.dtype}")
+            found.append(loc)
+        if device.type == "cuda":
+            store = HostStore([loc.nbytes for loc in found])
+            for i, loc in enumerate(found):
+                store.fill_from_file(i, loc)
+            return store
+        return FileStore(found)
+
+    return build(model, budget, device, example_inputs, example_kwargs, source=source)

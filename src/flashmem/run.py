@@ -1,0 +1,163 @@
+"""Run: executes a checked plan inside the model's own forward, through module hooks.
+
+On entering op i the executor issues the loads the plan starts at step i, makes compute wait for the
+loads op i needs, and puts the op's weights in place (views into the arena); on leaving op i it takes
+them out again (a stray use then fails on a meta tensor) and releases the loads that end there. How a
+load moves bytes and how compute waits is the mover's business (`run_cuda`, `run_cpu`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import FlashmemError, TraceMismatch
+from .plan import Plan
+from .trace import Program, typed_view
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """What the last streamed call did."""
+    peak_bytes: int  # device memory held by the call: arena, buffers and activations at their peak
+    streamed_bytes: int  # weight bytes copied into the arena
+    wall_s: float  # the call, from entry to its last kernel
+    stall_s: float  # time compute waited for weights
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Per op, what to do on entry and exit; built once per plan so the hooks only walk lists."""
+    issue: tuple[tuple[int, ...], ...]  # loads issued on entry
+    wait: tuple[tuple[int, ...], ...]  # loads the op uses first
+    bind: tuple[tuple[tuple[dict, str, nn.Parameter], ...], ...]  # (module._parameters, attr, view)
+    unbind: tuple[tuple[tuple[dict, str, nn.Parameter], ...], ...]  # (module._parameters, attr, placeholder)
+    release: tuple[tuple[int, ...], ...]  # loads released on exit
+
+
+def build_steps(model: nn.Module, program: Program, plan: Plan, load_views: list[nn.Parameter],
+                placeholders: dict[int, nn.Parameter]) -> Steps:
+    n = len(program.ops)
+    issue = [[] for _ in range(n)]
+    wait = [[] for _ in range(n)]
+    release = [[] for _ in range(n)]
+    load_for: dict[tuple[int, int], int] = {}  # (weight, op) -> load serving it
+    for j, load in enumerate(plan.loads):
+        issue[load.start_step].append(j)
+        wait[load.first_use].append(j)
+        release[load.release_op].append(j)
+        for step in range(load.first_use, load.last_use + 1):
+            load_for[(load.weight, step)] = j
+    slot_weight = {slot: w.index for w in program.weights for slot in w.slots}
+    bind = [[] for _ in range(n)]
+    unbind = [[] for _ in range(n)]
+    for op in program.ops:
+        module = model.get_submodule(op.module)
+        for attr, param in module._parameters.items():
+            if param is None:
+                continue
+            w = slot_weight[(op.module, attr)]
+            j = load_for.get((w, op.index))
+            if j is not None:
+                bind[op.index].append((module._parameters, attr, load_views[j]))
+                unbind[op.index].append((module._parameters, attr, placeholders[w]))
+    return Steps(*(tuple(tuple(x) for x in table) for table in (issue, wait, bind, unbind, release)))
+
+
+def arena_views(arena: torch.Tensor, program: Program, plan: Plan) -> tuple[list[nn.Parameter], dict[int, nn.Parameter]]:
+    """Views of the arena for each load, and for each resident weight."""
+    def view(weight: int, offset: int) -> nn.Parameter:
+        w = program.weights[weight]
+        return typed_view(arena[offset:offset + w.nbytes], w.dtype, w.shape)
+
+    loads = [view(load.weight, load.offset_bytes) for load in plan.loads]
+    residents = {r.weight: view(r.weight, r.offset_bytes) for r in plan.residents}
+    return loads, residents
+
+
+class Executor:
+    """Hooks that run `plan` whenever the model is called."""
+
+    def __init__(self, model: nn.Module, program: Program, plan: Plan, mover, steps: Steps):
+        self.model = model
+        self.program = program
+        self.plan = plan
+        self.mover = mover
+        self.steps = steps
+        self.op_modules = tuple(model.get_submodule(op.module) for op in program.ops)
+        self.cursor = 0
+        self.entered: list[int] = []
+
+    def begin(self) -> None:
+        self.cursor = 0
+        self.entered.clear()
+        self.mover.begin_call()
+
+    def end(self, failed: bool) -> None:
+        if self.entered or (self.cursor != len(self.op_modules) and not failed):
+            ran = self.cursor
+            self._unbind_all()
+            self.mover.abort_call()
+            if not failed:
+                raise TraceMismatch(
+                    f"the model ran {ran} of the {len(self.op_modules)} traced ops; its control flow depends "
+                    f"on the input in a way the trace did not see; call it with inputs of the traced kind")
+            return
+        if failed:
+            self.mover.abort_call()
+        else:
+            self.mover.end_call()
+
+    def _unbind_all(self) -> None:
+        for i in self.entered:
+            for params, attr, ph in self.steps.unbind[i]:
+                params[attr] = ph
+        self.entered.clear()
+
+    def pre_hook(self, module, _args):
+        i = self.cursor
+        if i >= len(self.op_modules) or self.op_modules[i] is not module:
+            expected = self.program.ops[i].module if i < len(self.op_modules) else "the end of the forward"
+            raise TraceMismatch(f"op {i}: the model called a module other than the traced one (expected "
+                                f"{expected!r}); its control flow differs from the trace")
+        self.cursor = i + 1
+        steps = self.steps
+        if steps.issue[i]:
+            self.mover.issue(steps.issue[i])
+        if steps.wait[i]:
+            self.mover.wait(steps.wait[i])
+        for params, attr, view in steps.bind[i]:
+            params[attr] = view
+        self.entered.append(i)
+
+    def post_hook(self, module, _args, _out):
+        if not self.entered:
+            return  # a pre-hook raised before this op was entered
+        i = self.entered.pop()
+        steps = self.steps
+        for params, attr, ph in steps.unbind[i]:
+            params[attr] = ph
+        if steps.release[i]:
+            self.mover.release(steps.release[i])
+
+    def stats(self) -> CallStats:
+        return self.mover.stats()
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from .errors import DeviceUnavailable
+            raise DeviceUnavailable("device 'cuda' was asked for but PyTorch sees no CUDA GPU "
+                                    f"(torch {torch.__version__}); use device='cpu' or install a CUDA build")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            from .errors import DeviceUnavailable
+            raise DeviceUnavailable(f"device {device} was asked for but only {torch.cuda.device_count()} "
+                                    f"CUDA devices exist; use one of cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise FlashmemError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    return device

@@ -1,0 +1,173 @@
+"""The CPU mover: an IO thread reads weights from safetensors files into the RAM arena, ahead of compute.
+
+The thread takes the plan's loads in order; before each it waits until compute has released the load
+that last held those bytes, then `pread`s the weight (the GIL is released during the read, so it
+overlaps compute). Compute waits only for the loads an op uses first.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from .errors import FlashmemError
+from .plan import Plan
+from .run import CallStats
+from .run_cuda import previous_holder
+from .store import FileStore
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS:")
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM:")
+
+
+class CpuMover:
+    def __init__(self, plan: Plan, store: FileStore, arena: torch.Tensor):
+        self.plan = plan
+        self.store = store
+        self.arena = arena
+        self.arena_np = arena.numpy()
+        self.wait_free = previous_holder(plan)
+        self.cond = threading.Condition()
+        self.generation = 0  # bumped per call; the IO thread works on one generation at a time
+        self.released = [False] * len(plan.loads)
+        self.loaded = 0  # loads [0, loaded) of this call are in the arena
+        self.error: BaseException | None = None
+        self.abort = False
+        self.busy = False
+        self.taken = 0  # the generation the IO thread last took up
+        self.closed = False
+        self._stats: CallStats | None = None
+        self.thread = threading.Thread(target=self._io_loop, name="flashmem-io", daemon=True)
+        if plan.loads:
+            self.thread.start()
+
+    # -- the IO thread ---------------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        seen = 0
+        while True:
+            with self.cond:
+                while self.generation == seen and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                seen = self.taken = self.generation
+                self.busy = True
+            try:
+                self._run_loads()
+            except BaseException as err:  # surfaced to compute by wait()
+                with self.cond:
+                    self.error = err
+                    self.cond.notify_all()
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def _run_loads(self) -> None:
+        loads = self.plan.loads
+        for j, load in enumerate(loads):
+            k = self.wait_free[j]
+            with self.cond:
+                while not self.abort and k is not None and not self.released[k]:
+                    self.cond.wait()
+                if self.abort:
+                    return
+            view = memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes])
+            self.store.read_into_view(load.weight, view)
+            with self.cond:
+                self.loaded = j + 1
+                self.cond.notify_all()
+
+    # -- a call --------------------------------------------------------------------------------------
+    def begin_call(self) -> None:
+        self._drain()
+        self._stats = None
+        self.stall = 0.0
+        reset_peak_rss()
+        self.rss_start = rss_bytes()
+        self.wall_start = time.perf_counter()
+        with self.cond:
+            self.released = [False] * len(self.plan.loads)
+            self.loaded = 0
+            self.error = None
+            self.abort = False
+            if self.plan.loads:
+                self.generation += 1
+                self.cond.notify_all()
+
+    def issue(self, loads: tuple[int, ...]) -> None:
+        pass  # the IO thread runs ahead on its own, as far as released bytes allow
+
+    def wait(self, loads: tuple[int, ...]) -> None:
+        need = max(loads) + 1
+        if self.loaded >= need:
+            return
+        t0 = time.perf_counter()
+        with self.cond:
+            while self.loaded < need and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                err = self.error
+                raise FlashmemError(f"reading weights from storage failed: {err}") from err
+        self.stall += time.perf_counter() - t0
+
+    def release(self, loads: tuple[int, ...]) -> None:
+        with self.cond:
+            for j in loads:
+                self.released[j] = True
+            self.cond.notify_all()
+
+    def end_call(self) -> None:
+        wall = time.perf_counter() - self.wall_start
+        growth = max(peak_rss_bytes() - self.rss_start, 0)
+        held = self.plan.arena_bytes
+        streamed = sum(load.nbytes for load in self.plan.loads)
+        self._drain()
+        self._stats = CallStats(peak_bytes=held + growth, streamed_bytes=streamed, wall_s=wall, stall_s=self.stall)
+
+    def abort_call(self) -> None:
+        with self.cond:
+            self.abort = True
+            self.cond.notify_all()
+        self._drain()
+
+    def _drain(self) -> None:
+        """Wait until the IO thread has finished the current call's loads (or given up on them)."""
+        with self.cond:
+            while self.thread.is_alive() and (self.busy or (self.taken != self.generation and not self.abort)):
+                self.cond.wait(timeout=1.0)
+
+    def stats(self) -> CallStats | None:
+        return self._stats
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.abort = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)

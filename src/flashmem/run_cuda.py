@@ -1,0 +1,146 @@
+"""The CUDA mover: copies from pinned host memory into the device arena on a dedicated stream.
+
+Ordering uses events only, never the host: a load's copy waits for the release event of the last
+load that held its bytes; compute waits for the load's completion event before the first op that uses
+it; a call's first copies wait for everything the compute stream did before the call. Loads issued at
+the same step whose bytes are contiguous both in host memory and in the arena move as one copy.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .plan import Plan
+from .run import CallStats
+from .store import HostStore
+
+
+def previous_holder(plan: Plan) -> list[int | None]:
+    """For each load, the earlier load of the same call that last held any of its bytes (released
+    latest), whose release it must wait for; None if its bytes are fresh this call."""
+    out: list[int | None] = []
+    for j, load in enumerate(plan.loads):
+        begin, end = load.offset_bytes, load.offset_bytes + load.nbytes
+        best = None
+        for k in range(j - 1, -1, -1):
+            other = plan.loads[k]
+            if other.offset_bytes < end and begin < other.offset_bytes + other.nbytes:
+                if best is None or other.last_use > plan.loads[best].last_use:
+                    best = k
+        out.append(best)
+    return out
+
+
+class CudaMover:
+    def __init__(self, plan: Plan, store: HostStore, arena: torch.Tensor, device: torch.device,
+                 timing: bool = True):
+        self.plan = plan
+        self.device = device
+        self.arena = arena
+        self.copy_stream = torch.cuda.Stream(device)
+        n = len(plan.loads)
+        self.done = [torch.cuda.Event() for _ in range(n)]
+        holder = previous_holder(plan)
+        self.wait_free = [holder[j] for j in range(n)]
+        self.freed = [torch.cuda.Event() if j in set(holder) else None for j in range(n)]
+        self.groups = self._copy_groups(store)
+        self.timing = timing
+        self.t_begin = torch.cuda.Event(enable_timing=True)
+        self.t_end = torch.cuda.Event(enable_timing=True)
+        self.call_start = torch.cuda.Event()
+        self.stall_pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                            for _ in range(plan.n_ops)] if timing else []
+        self.stall_used: list[int] = []
+        self.stall_op = 0
+        self._stats: CallStats | None = None
+        self._pending = None
+
+    def _copy_groups(self, store: HostStore) -> dict[int, list[tuple]]:
+        """step -> [(dst, src, loads whose release to wait for, loads completed)]. Loads issued at one step
+        that follow each other in both the arena and host memory, with only alignment padding between
+        them (padding the plan reserves with the load), move as one copy."""
+        raw: dict[int, list[list]] = {}  # step -> [[dst_off, src_off, size, loads]]
+        for j, load in enumerate(self.plan.loads):
+            host = store.offsets[load.weight]
+            step_groups = raw.setdefault(load.start_step, [])
+            if step_groups:
+                g = step_groups[-1]
+                gap = load.offset_bytes - (g[0] + g[2])
+                if 0 <= gap < self.plan.alignment and load.offset_bytes - g[0] == host - g[1]:
+                    g[2] = load.offset_bytes + load.nbytes - g[0]
+                    g[3].append(j)
+                    continue
+            step_groups.append([load.offset_bytes, host, load.nbytes, [j]])
+        out = {}
+        for step, gs in raw.items():
+            out[step] = [(self.arena[d:d + n], store.buffer[s:s + n],
+                          tuple(sorted({self.wait_free[j] for j in loads if self.wait_free[j] is not None})),
+                          tuple(loads))
+                         for d, s, n, loads in gs]
+        return out
+
+    # -- a call --------------------------------------------------------------------------------------
+    def begin_call(self) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        self.compute = stream
+        self._stats = None
+        self.stall_used = []
+        self.streamed = 0
+        self.alloc_start = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.wall_start = time.perf_counter()
+        self.t_begin.record(stream)
+        self.call_start.record(stream)
+        # No copy of this call may overwrite arena bytes before earlier compute has read them.
+        self.copy_stream.wait_event(self.call_start)
+
+    def issue(self, loads: tuple[int, ...]) -> None:
+        step = self.plan.loads[loads[0]].start_step
+        with torch.cuda.stream(self.copy_stream):
+            for dst, src, waits, done in self.groups[step]:
+                for k in waits:
+                    self.copy_stream.wait_event(self.freed[k])
+                dst.copy_(src, non_blocking=True)
+                for j in done:
+                    self.done[j].record(self.copy_stream)
+                self.streamed += dst.numel()
+
+    def wait(self, loads: tuple[int, ...]) -> None:
+        if self.timing:
+            a, b = self.stall_pairs[len(self.stall_used)]
+            a.record(self.compute)
+        for j in loads:
+            self.compute.wait_event(self.done[j])
+        if self.timing:
+            b.record(self.compute)
+            self.stall_used.append(len(self.stall_used))
+
+    def release(self, loads: tuple[int, ...]) -> None:
+        for j in loads:
+            ev = self.freed[j]
+            if ev is not None:
+                ev.record(self.compute)
+
+    def end_call(self) -> None:
+        self.t_end.record(self.compute)
+        held = self.plan.arena_bytes + self.plan.buffer_bytes
+        activations = torch.cuda.max_memory_allocated(self.device) - self.alloc_start
+        self._pending = (held + max(activations, 0), self.streamed)
+
+    def abort_call(self) -> None:
+        # Nothing may overwrite the arena before what was issued has finished; the next call's copies
+        # already wait on the compute stream, and the compute stream waits for issued copies here.
+        ev = torch.cuda.Event()
+        ev.record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(ev)
+        self._pending = None
+
+    def stats(self) -> CallStats | None:
+        if self._stats is None and self._pending is not None:
+            self.t_end.synchronize()
+            wall = self.t_begin.elapsed_time(self.t_end) / 1e3
+            stall = sum(self.stall_pairs[i][0].elapsed_time(self.stall_pairs[i][1]) for i in self.stall_used) / 1e3
+            self._stats = CallStats(peak_bytes=self._pending[0], streamed_bytes=self._pending[1],
+                                    wall_s=wall, stall_s=stall)
+        return self._stats

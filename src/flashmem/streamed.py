@@ -1,0 +1,308 @@
+"""`flashmem.stream`: takes a model and a budget, traces, plans, checks and returns a `StreamedModel`.
+
+The StreamedModel owns the model from then on: its parameters move into flashmem's store (pinned host
+memory for CUDA, a safetensors file for the CPU) and module hooks put them in place op by op during
+each call, following the plan. Calling the StreamedModel, or the model itself (`generate`, say), streams.
+An input of a new shape or dtype is traced and planned again; plans are cached by input signature.
+"""
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .check import check_plan
+from .errors import BudgetTooSmall, FlashmemError
+from .plan import Plan, simple_plan
+from .run import CallStats, Executor, arena_views, build_steps, check_device
+from .run_cpu import CpuMover
+from .run_cuda import CudaMover
+from .store import FileStore, HostStore
+from .trace import ModelWeights, Program, ScratchLoader, collect_weights, input_signature, placeholder, trace
+from .units import align_up, fmt_bytes, parse_bytes
+
+CUDA_ALIGNMENT = 512  # bytes; like PyTorch's allocator, so kernels see the same alignment as resident
+CPU_ALIGNMENT = 64
+CUDA_GRANULARITY = 2 * 2**20  # the caching allocator rounds large blocks to 2 MiB
+MAX_PLANS = 8
+
+
+def activation_reserve(measured_bytes: int) -> int:
+    """Device bytes kept for activations: the traced peak, plus a tenth and one allocator block for
+    the caching allocator's rounding."""
+    if measured_bytes <= 0:
+        return 0
+    return align_up(measured_bytes + measured_bytes // 10, CUDA_GRANULARITY) + CUDA_GRANULARITY
+
+
+class StreamedModel:
+    """A model whose weights stream into a fixed device arena during each call, within a budget."""
+
+    def __init__(self, model: nn.Module, mw: ModelWeights, store, device: torch.device, budget_bytes: int,
+                 buffer_bytes: int):
+        self.model = model
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self._mw = mw
+        self._store = store
+        self._buffer_bytes = buffer_bytes
+        self._alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
+        self._placeholders = {w.index: placeholder(w) for w in mw.weights}
+        self._plans: OrderedDict[str, tuple[Program, Plan]] = OrderedDict()
+        self._arena: torch.Tensor | None = None
+        self._resident_views: dict[int, nn.Parameter] = {}
+        self._executor: Executor | None = None
+        self._signature: str | None = None
+        self._tracing = False
+        self._active = False
+        self._hooks: list = []
+        self._set_all(lambda w: self._placeholders[w])
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _set_all(self, value_for) -> None:
+        for w in self._mw.weights:
+            for mod_name, attr in w.slots:
+                self.model.get_submodule(mod_name)._parameters[attr] = value_for(w.index)
+
+    def _install_hooks(self) -> None:
+        self._hooks.append(self.model.register_forward_pre_hook(self._call_begin, with_kwargs=True))
+        for name in self._mw.owned:
+            module = self.model.get_submodule(name)
+            self._hooks.append(module.register_forward_pre_hook(self._op_enter))
+            self._hooks.append(module.register_forward_hook(self._op_exit, always_call=True))
+        self._hooks.append(self.model.register_forward_hook(self._call_end, always_call=True))
+
+    def _trace(self, args: tuple, kwargs: dict) -> Program:
+        """Trace with weights loaded on demand: into a fresh scratch buffer the first time, into the
+        arena's ring afterwards (resident weights stay where they are)."""
+        if self._arena is None:
+            scratch = torch.empty(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
+            resident: dict[int, nn.Parameter] = {}
+        else:
+            scratch = self._arena[self.plan.resident_bytes:]
+            resident = self._resident_views
+        loader = ScratchLoader(self.model, self._mw, self._store.read_into, scratch, self._alignment, resident)
+        self._tracing = True
+        try:
+            program, _ = trace(self.model, self._mw, loader, self._placeholders, args, kwargs,
+                               device=self.device, buffer_bytes=self._buffer_bytes)
+        finally:
+            self._tracing = False
+            del scratch, loader
+        return program
+
+    def _plan(self, program: Program) -> Plan:
+        cuda = self.device.type == "cuda"
+        plan = simple_plan(program, budget_bytes=self.budget_bytes, device=str(self.device),
+                           alignment=self._alignment,
+                           activation_bytes=activation_reserve(program.activation_bytes) if cuda else 0,
+                           granularity=CUDA_GRANULARITY if cuda else self._alignment)
+        check_plan(plan, program)
+        return plan
+
+    def _activate(self, program: Program, plan: Plan) -> None:
+        """Make `plan` the one in use: arena of its size, its residents in place, its executor."""
+        if self._executor is not None:
+            close = getattr(self._executor.mover, "close", None)
+            if close:
+                close()
+            self._executor = None
+        same_residents = (self._arena is not None and self._arena.numel() == plan.arena_bytes
+                          and self.plan.residents == plan.residents)
+        if not same_residents:
+            self._set_all(lambda w: self._placeholders[w])
+            self._resident_views = {}
+            self._arena = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                self._arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+            else:
+                self._arena = torch.zeros(plan.arena_bytes, dtype=torch.uint8)  # touched: RSS shows it
+            for r in plan.residents:
+                self._store.read_into(r.weight, self._arena[r.offset_bytes:r.offset_bytes + r.nbytes])
+        load_views, resident_views = arena_views(self._arena, program, plan)
+        if not same_residents:
+            self._resident_views = resident_views
+            self._set_all(lambda w: self._resident_views.get(w, self._placeholders[w]))
+        steps = build_steps(self.model, program, plan, load_views, self._placeholders)
+        if self.device.type == "cuda":
+            mover = CudaMover(plan, self._store, self._arena, self.device)
+        else:
+            mover = CpuMover(plan, self._store, self._arena)
+        self._executor = Executor(self.model, program, plan, mover, steps)
+        self._signature = program.signature
+        self._current = (program, plan)
+
+    def _prepare(self, args: tuple, kwargs: dict) -> None:
+        """Trace and plan for this input signature if needed, and switch to its plan."""
+        signature = input_signature(args, kwargs)
+        if signature == self._signature:
+            return
+        cached = self._plans.get(signature)
+        if cached is None:
+            program = self._trace(args, kwargs)
+            plan = self._plan(program)
+            cached = (program, plan)
+            self._plans[signature] = cached
+            if len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(signature)
+        self._activate(*cached)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _to_device(self, x: Any) -> Any:
+        return x.to(self.device) if isinstance(x, torch.Tensor) and x.device != self.device else x
+
+    def _call_begin(self, module, args, kwargs):
+        if self._tracing:
+            return None
+        if self._active:
+            raise FlashmemError("this StreamedModel is already running a call (from another thread, or "
+                                "re-entered from inside its forward); calls must not overlap")
+        args, kwargs = tree_map(self._to_device, (args, kwargs))
+        self._prepare(args, kwargs)
+        self._active = True
+        self._executor.begin()
+        return args, kwargs
+
+    def _call_end(self, module, args, result):
+        if self._tracing or not self._active:
+            return None
+        self._active = False
+        failed = result is None and sys.exc_info()[1] is not None
+        self._executor.end(failed)
+        return None
+
+    def _op_enter(self, module, args):
+        if self._tracing:
+            return None
+        if not self._active:
+            raise FlashmemError("a submodule of a streamed model was called on its own; call the whole "
+                                "model (or the StreamedModel), whose hooks put the weights in place")
+        self._executor.pre_hook(module, args)
+        return None
+
+    def _op_exit(self, module, args, result):
+        if self._tracing or not self._active:
+            return None
+        self._executor.post_hook(module, args, result)
+        return None
+
+    # -- public --------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Everything else (generate, config, ...) is the model's; its calls stream through the hooks.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    @property
+    def plan(self) -> Plan:
+        """The plan in use (for the last call's input signature)."""
+        return self._current[1]
+
+    @property
+    def program(self) -> Program:
+        return self._current[0]
+
+    @property
+    def stats(self) -> CallStats | None:
+        """The last call's peak_bytes, streamed_bytes, wall_s and stall_s (None before any call)."""
+        return self._executor.stats() if self._executor else None
+
+    def close(self) -> None:
+        """Remove the hooks and free the arena and the store."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._executor is not None:
+            close = getattr(self._executor.mover, "close", None)
+            if close:
+                close()
+            self._executor = None
+        self._arena = None
+        self._store.close()
+
+    def __repr__(self) -> str:
+        return f"StreamedModel({type(self.model).__name__}, budget={fmt_bytes(self.budget_bytes)}, device={self.device})"
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> int:
+    total = 0
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is None:
+                continue
+            if buf.device != device:
+                module._buffers[name] = buf.to(device)
+            total += buf.numel() * buf.element_size()
+    return total
+
+
+def _static_check(mw: ModelWeights, budget_bytes: int, buffer_bytes: int) -> None:
+    need = mw.max_working_bytes + buffer_bytes
+    if need > budget_bytes:
+        raise BudgetTooSmall(
+            f"op {mw.max_working_module!r} needs {fmt_bytes(mw.max_working_bytes)} of weights in place at once"
+            f" (plus {fmt_bytes(buffer_bytes)} of buffers), but the budget is {fmt_bytes(budget_bytes)}; "
+            f"raise the budget to at least {fmt_bytes(need)} plus room for activations",
+            op=mw.max_working_module, need_bytes=need, budget_bytes=budget_bytes)
+
+
+def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source) -> StreamedModel:
+    """Shared by `stream` and `from_pretrained`: `source(mw, tensors)` makes the weight store."""
+    device = check_device(device)
+    budget_bytes = parse_bytes(budget)
+    model.eval()
+    alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
+    mw, tensors = collect_weights(model, alignment)
+    if not mw.weights:
+        raise FlashmemError(f"{type(model).__name__} has no parameters; there is nothing to stream")
+    buffer_bytes = _move_buffers(model, device)
+    _static_check(mw, budget_bytes, buffer_bytes)
+    store = source(mw, tensors, device)
+    del tensors
+    streamed = StreamedModel(model, mw, store, device, budget_bytes, buffer_bytes)
+    args = tuple(example_inputs) if example_inputs is not None else ()
+    kwargs = dict(example_kwargs or {})
+    if not args and not kwargs:
+        raise FlashmemError("example_inputs (or example_kwargs) are needed to trace the model; pass an input "
+                            "like the ones you will call it with, e.g. example_inputs=(input_ids,)")
+    args, kwargs = tree_map(streamed._to_device, (args, kwargs))
+    streamed._prepare(args, kwargs)
+    streamed._install_hooks()
+    return streamed
+
+
+def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: torch.device):
+    if device.type == "cuda":
+        store = HostStore([w.nbytes for w in mw.weights])
+        for w, t in zip(mw.weights, tensors):
+            store.fill_from_tensor(w.index, t)
+        return store
+    return FileStore.spill(tensors, [w.name for w in mw.weights])
+
+
+def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
+           example_kwargs: dict | None = None) -> StreamedModel:
+    """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
+
+    budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
+    example_inputs / example_kwargs: one call's inputs, used to trace the order of ops.
+
+    Outputs are bit-identical to the model run with all weights resident on the same device. The model's
+    parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
+
+    >>> sm = flashmem.stream(model, "1GiB", device="cuda", example_inputs=(input_ids,))
+    >>> logits = sm(input_ids).logits
+    >>> sm.stats.peak_bytes <= 2**30
+    True
+    """
+    return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors)

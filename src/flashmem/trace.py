@@ -1,0 +1,235 @@
+"""Trace: the order in which a model runs its ops and the weights each one uses, from a real input.
+
+An op is one call of a module that owns parameters directly (a leaf such as `nn.Linear`, or a container
+whose forward uses its own parameters). A module called twice gives two ops; a parameter shared by two
+modules (a tied LM head) is one `Weight` with two slots. An op's weights must stay in place from its
+entry to its exit, which for a container spans the ops nested inside it (`end_index`).
+
+The trace runs the model once with each op's weights loaded on demand into a scratch buffer, so it works
+for models that do not fit on the device, and measures the activations' peak on CUDA.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import FlashmemError
+from .units import align_up
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A parameter, however many modules hold it."""
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    slots: tuple[tuple[str, str], ...]  # (module name, attribute) pairs that hold it
+
+
+@dataclass(frozen=True)
+class Op:
+    """One call of a module that owns weights, in execution order."""
+    index: int
+    module: str
+    weights: tuple[int, ...]
+    end_index: int  # index of the last op entered before this one exits (itself if none is nested)
+
+
+@dataclass(frozen=True)
+class Program:
+    """What the planner plans: ops in order and the weights they use."""
+    weights: tuple[Weight, ...]
+    ops: tuple[Op, ...]
+    activation_bytes: int  # peak device bytes allocated by the forward (CUDA); 0 where not measured
+    buffer_bytes: int  # module buffers, kept on the device for good
+    signature: str  # shapes and dtypes of the traced inputs
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    """The model's parameters as flashmem sees them, before any trace."""
+    weights: tuple[Weight, ...]
+    owned: dict[str, tuple[int, ...]]  # module name -> the weights it owns directly
+    max_working_bytes: int  # most weight bytes any module needs at once (itself plus its ancestors)
+    max_working_module: str
+
+
+def collect_weights(model: nn.Module, alignment: int) -> tuple[ModelWeights, list[torch.Tensor]]:
+    """Weights of `model` (tied parameters once) and the tensors holding them now."""
+    index_of: dict[int, int] = {}
+    tensors: list[torch.Tensor] = []
+    names: list[str] = []
+    slots: list[list[tuple[str, str]]] = []
+    owned: dict[str, tuple[int, ...]] = {}
+    for mod_name, module in model.named_modules():
+        mine = []
+        for attr, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) not in index_of:
+                index_of[id(param)] = len(tensors)
+                tensors.append(param)
+                names.append(f"{mod_name}.{attr}" if mod_name else attr)
+                slots.append([])
+            w = index_of[id(param)]
+            slots[w].append((mod_name, attr))
+            mine.append(w)
+        if mine:
+            owned[mod_name] = tuple(mine)
+    weights = tuple(
+        Weight(i, names[i], tuple(t.shape), t.dtype, t.numel() * t.element_size(), tuple(slots[i]))
+        for i, t in enumerate(tensors))
+
+    def own_bytes(module: nn.Module) -> int:
+        return sum(align_up(p.numel() * p.element_size(), alignment)
+                   for p in module._parameters.values() if p is not None)
+
+    best, best_name = 0, ""
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        if not own_bytes(module):
+            continue
+        parts = mod_name.split(".") if mod_name else []
+        total = own_bytes(model) + sum(own_bytes(model.get_submodule(".".join(parts[:k])))
+                                       for k in range(1, len(parts) + 1))
+        if total > best:
+            best, best_name = total, mod_name
+    return ModelWeights(weights, owned, best, best_name), tensors
+
+
+def input_signature(args: tuple, kwargs: dict) -> str:
+    """A short key for the shapes and dtypes of a call's inputs."""
+    leaves, spec = tree_flatten((args, kwargs))
+    parts = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append(f"T{tuple(leaf.shape)}:{leaf.dtype}")
+        elif isinstance(leaf, (int, float, bool, str, type(None))):
+            parts.append(repr(leaf))
+        else:
+            parts.append(type(leaf).__qualname__)
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def typed_view(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> nn.Parameter:
+    """A parameter over `raw` bytes (uint8), with the weight's dtype and shape."""
+    return nn.Parameter(raw.view(dtype).view(shape), requires_grad=False)
+
+
+def placeholder(weight: Weight) -> nn.Parameter:
+    """What a slot holds while its weight is not in place: a meta tensor, so a stray use fails loudly."""
+    return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+
+
+class ScratchLoader:
+    """Loads each op's weights into a scratch buffer on entry (stack order) and unloads them on exit."""
+
+    def __init__(self, model: nn.Module, mw: ModelWeights, read_into: Callable[[int, torch.Tensor], None],
+                 scratch: torch.Tensor, alignment: int, resident_views: dict[int, nn.Parameter]):
+        self.model = model
+        self.mw = mw
+        self.read_into = read_into
+        self.scratch = scratch
+        self.alignment = alignment
+        self.resident_views = resident_views
+        self.top = 0
+        self.saved_tops: list[int] = []
+        self.slot_weight = {slot: w.index for w in mw.weights for slot in w.slots}
+
+    def enter(self, mod_name: str) -> None:
+        module = self.model.get_submodule(mod_name)
+        self.saved_tops.append(self.top)
+        for attr, param in module._parameters.items():
+            if param is None:
+                continue
+            w = self.mw.weights[self._weight_of(mod_name, attr)]
+            view = self.resident_views.get(w.index)
+            if view is None:
+                end = self.top + align_up(w.nbytes, self.alignment)
+                if end > self.scratch.numel():
+                    raise FlashmemError(f"op {mod_name!r} needs more weight bytes at once than the trace "
+                                        f"allowed ({end} > {self.scratch.numel()}); a module is called "
+                                        f"from outside its parent; keep it resident")
+                raw = self.scratch[self.top:self.top + w.nbytes]
+                self.read_into(w.index, raw)
+                view = typed_view(raw, w.dtype, w.shape)
+                self.top = end
+            module._parameters[attr] = view
+
+    def exit(self, mod_name: str, placeholders: dict[int, nn.Parameter]) -> None:
+        module = self.model.get_submodule(mod_name)
+        for attr, param in module._parameters.items():
+            if param is None:
+                continue
+            w = self._weight_of(mod_name, attr)
+            module._parameters[attr] = self.resident_views.get(w, placeholders[w])
+        self.top = self.saved_tops.pop()
+
+    def _weight_of(self, mod_name: str, attr: str) -> int:
+        w = self.slot_weight.get((mod_name, attr))
+        if w is None:
+            raise FlashmemError(f"parameter {mod_name}.{attr} was added after flashmem took the model; "
+                                f"build the StreamedModel again")
+        return w
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its first qualified name."""
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def trace(model: nn.Module, mw: ModelWeights, loader: ScratchLoader, placeholders: dict[int, nn.Parameter],
+          args: tuple, kwargs: dict, *, device: torch.device, buffer_bytes: int) -> tuple[Program, Any]:
+    """Run `model(*args, **kwargs)` once, loading weights on demand; return the program and the output."""
+    names = module_names(model)
+    ops: list[dict] = []
+    stack: list[int] = []
+
+    def pre_hook(module, _args):
+        name = names[id(module)]
+        stack.append(len(ops))
+        ops.append({"module": name, "weights": mw.owned[name], "end_index": None})
+        loader.enter(name)
+
+    def post_hook(module, _args, _out):
+        name = names[id(module)]
+        i = stack.pop()
+        ops[i]["end_index"] = len(ops) - 1
+        loader.exit(name, placeholders)
+
+    handles = []
+    for name in mw.owned:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook, always_call=True))
+    is_cuda = device.type == "cuda"
+    try:
+        if is_cuda:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+        activation_bytes = 0
+        if is_cuda:
+            torch.cuda.synchronize(device)
+            activation_bytes = torch.cuda.max_memory_allocated(device) - base
+    finally:
+        for h in handles:
+            h.remove()
+    if not ops:
+        raise FlashmemError("the traced forward used no parameters; is the example input right?")
+    program = Program(
+        weights=mw.weights,
+        ops=tuple(Op(i, o["module"], o["weights"], o["end_index"]) for i, o in enumerate(ops)),
+        activation_bytes=activation_bytes,
+        buffer_bytes=buffer_bytes,
+        signature=input_signature(args, kwargs),
+    )
+    return program, out
