@@ -64,14 +64,6 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
     locations = index_folder(path)
     dtype = dtype or _file_dtype(locations)
     model = build_on_meta(path, dtype, trust_remote_code)
-    for name, buf in model.named_buffers():
-        if name in locations:
-            loc = locations[name]
-            src = FileStore([loc])
-            tmp = torch.empty(loc.nbytes, dtype=torch.uint8)
-            src.read_into(0, tmp)
-            src.close()
-            buf.copy_(tmp.view(loc.dtype).view(loc.shape))
     if example_inputs is None and example_kwargs is None:
         vocab = getattr(model.config, "vocab_size", None)
         if vocab is None:
@@ -79,11 +71,15 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
         example_inputs = (torch.arange(8).remainder(vocab).unsqueeze(0),)
 
     def source(mw: ModelWeights, tensors, device):
+        # Each weight comes from the files; a buffer the files lack (non-persistent) from the model itself.
         found = []
-        for w in mw.weights:
+        for w, t in zip(mw.weights, tensors):
             names = [f"{m}.{a}" if m else a for m, a in w.slots]
             loc = next((locations[n] for n in names if n in locations), None)
             if loc is None:
+                if w.is_buffer and t.device.type != "meta":
+                    found.append(t)
+                    continue
                 raise BadModelFolder(f"weight {w.name!r} (shape {w.shape}) is in none of the safetensors files of "
                                      f"{path}; the folder is incomplete or for another model")
             if loc.shape != w.shape:
@@ -95,10 +91,13 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                                      f"was built in {w.dtype}; pass dtype={loc.dtype}")
             found.append(loc)
         if device.type == "cuda":
-            store = HostStore([loc.nbytes for loc in found])
-            for i, loc in enumerate(found):
-                store.fill_from_file(i, loc)
+            store = HostStore([w.nbytes for w in mw.weights])
+            for i, src in enumerate(found):
+                if isinstance(src, torch.Tensor):
+                    store.fill_from_tensor(i, src)
+                else:
+                    store.fill_from_file(i, src)
             return store
-        return FileStore(found)
+        return FileStore.spill(found, [w.name for w in mw.weights])
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source)

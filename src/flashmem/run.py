@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import FlashmemError, TraceMismatch
 from .plan import Plan
-from .trace import Program, typed_view
+from .trace import Program, owned_tensors, typed_view
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,13 @@ class Steps:
     """Per op, what to do on entry and exit; built once per plan so the hooks only walk lists."""
     issue: tuple[tuple[int, ...], ...]  # loads issued on entry
     wait: tuple[tuple[int, ...], ...]  # loads the op uses first
-    bind: tuple[tuple[tuple[dict, str, nn.Parameter], ...], ...]  # (module._parameters, attr, view)
-    unbind: tuple[tuple[tuple[dict, str, nn.Parameter], ...], ...]  # (module._parameters, attr, placeholder)
+    bind: tuple[tuple[tuple[dict, str, torch.Tensor], ...], ...]  # (module's table, attr, arena view)
+    unbind: tuple[tuple[tuple[dict, str, torch.Tensor], ...], ...]  # (module's table, attr, placeholder)
     release: tuple[tuple[int, ...], ...]  # loads released on exit
 
 
-def build_steps(model: nn.Module, program: Program, plan: Plan, load_views: list[nn.Parameter],
-                placeholders: dict[int, nn.Parameter]) -> Steps:
+def build_steps(model: nn.Module, program: Program, plan: Plan, load_views: list[torch.Tensor],
+                placeholders: dict[int, torch.Tensor]) -> Steps:
     n = len(program.ops)
     issue = [[] for _ in range(n)]
     wait = [[] for _ in range(n)]
@@ -54,22 +54,20 @@ def build_steps(model: nn.Module, program: Program, plan: Plan, load_views: list
     unbind = [[] for _ in range(n)]
     for op in program.ops:
         module = model.get_submodule(op.module)
-        for attr, param in module._parameters.items():
-            if param is None:
-                continue
+        for table, attr, _ in owned_tensors(module):
             w = slot_weight[(op.module, attr)]
             j = load_for.get((w, op.index))
             if j is not None:
-                bind[op.index].append((module._parameters, attr, load_views[j]))
-                unbind[op.index].append((module._parameters, attr, placeholders[w]))
+                bind[op.index].append((table, attr, load_views[j]))
+                unbind[op.index].append((table, attr, placeholders[w]))
     return Steps(*(tuple(tuple(x) for x in table) for table in (issue, wait, bind, unbind, release)))
 
 
-def arena_views(arena: torch.Tensor, program: Program, plan: Plan) -> tuple[list[nn.Parameter], dict[int, nn.Parameter]]:
+def arena_views(arena: torch.Tensor, program: Program, plan: Plan) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
     """Views of the arena for each load, and for each resident weight."""
     def view(weight: int, offset: int) -> nn.Parameter:
         w = program.weights[weight]
-        return typed_view(arena[offset:offset + w.nbytes], w.dtype, w.shape)
+        return typed_view(arena[offset:offset + w.nbytes], w)
 
     loads = [view(load.weight, load.offset_bytes) for load in plan.loads]
     residents = {r.weight: view(r.weight, r.offset_bytes) for r in plan.residents}

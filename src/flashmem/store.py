@@ -91,15 +91,19 @@ class FileStore:
         self._owned_dir = owned_dir
 
     @classmethod
-    def spill(cls, tensors: list[torch.Tensor], names: list[str]) -> "FileStore":
-        """Write tensors to a private safetensors file, so RAM can drop them."""
+    def spill(cls, sources: list[torch.Tensor | TensorLocation], names: list[str]) -> "FileStore":
+        """A store over `sources`: locations in files stay where they are; tensors are written to a
+        private safetensors file first, so RAM can drop them."""
         from safetensors.torch import save_file
 
+        tensors = {n: t.detach().contiguous() for n, t in zip(names, sources) if isinstance(t, torch.Tensor)}
+        if not tensors:
+            return cls(list(sources))
         owned = tempfile.TemporaryDirectory(prefix="flashmem-spill-")
         path = Path(owned.name) / "weights.safetensors"
-        save_file({n: t.detach().contiguous() for n, t in zip(names, tensors)}, str(path))
+        save_file(tensors, str(path))
         header = read_header(path)
-        return cls([header[n] for n in names], owned_dir=owned)
+        return cls([header[n] if n in tensors else s for n, s in zip(names, sources)], owned_dir=owned)
 
     def read_into(self, weight: int, dst: torch.Tensor) -> None:
         self.read_into_view(weight, memoryview(dst.numpy()))

@@ -54,7 +54,7 @@ class StreamedModel:
         self._placeholders = {w.index: placeholder(w) for w in mw.weights}
         self._plans: OrderedDict[str, tuple[Program, Plan]] = OrderedDict()
         self._arena: torch.Tensor | None = None
-        self._resident_views: dict[int, nn.Parameter] = {}
+        self._resident_views: dict[int, torch.Tensor] = {}
         self._executor: Executor | None = None
         self._signature: str | None = None
         self._tracing = False
@@ -66,7 +66,9 @@ class StreamedModel:
     def _set_all(self, value_for) -> None:
         for w in self._mw.weights:
             for mod_name, attr in w.slots:
-                self.model.get_submodule(mod_name)._parameters[attr] = value_for(w.index)
+                module = self.model.get_submodule(mod_name)
+                table = module._buffers if w.is_buffer else module._parameters
+                table[attr] = value_for(w.index)
 
     def _install_hooks(self) -> None:
         self._hooks.append(self.model.register_forward_pre_hook(self._call_begin, with_kwargs=True))
@@ -81,7 +83,7 @@ class StreamedModel:
         arena's ring afterwards (resident weights stay where they are)."""
         if self._arena is None:
             scratch = torch.empty(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
-            resident: dict[int, nn.Parameter] = {}
+            resident: dict[int, torch.Tensor] = {}
         else:
             scratch = self._arena[self.plan.resident_bytes:]
             resident = self._resident_views
@@ -234,18 +236,6 @@ class StreamedModel:
         return f"StreamedModel({type(self.model).__name__}, budget={fmt_bytes(self.budget_bytes)}, device={self.device})"
 
 
-def _move_buffers(model: nn.Module, device: torch.device) -> int:
-    total = 0
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is None:
-                continue
-            if buf.device != device:
-                module._buffers[name] = buf.to(device)
-            total += buf.numel() * buf.element_size()
-    return total
-
-
 def _static_check(mw: ModelWeights, budget_bytes: int, buffer_bytes: int) -> None:
     need = mw.max_working_bytes + buffer_bytes
     if need > budget_bytes:
@@ -265,7 +255,7 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     mw, tensors = collect_weights(model, alignment)
     if not mw.weights:
         raise FlashmemError(f"{type(model).__name__} has no parameters; there is nothing to stream")
-    buffer_bytes = _move_buffers(model, device)
+    buffer_bytes = 0  # buffers stream like parameters
     _static_check(mw, budget_bytes, buffer_bytes)
     store = source(mw, tensors, device)
     del tensors

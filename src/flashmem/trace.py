@@ -1,7 +1,8 @@
 """Trace: the order in which a model runs its ops and the weights each one uses, from a real input.
 
-An op is one call of a module that owns parameters directly (a leaf such as `nn.Linear`, or a container
-whose forward uses its own parameters). A module called twice gives two ops; a parameter shared by two
+An op is one call of a module that owns tensors directly (parameters or buffers; a leaf such as
+`nn.Linear`, or a container whose forward uses its own tensors). Buffers stream like parameters; the
+trace refuses a forward that writes to one, since a streamed copy would lose the write. A module called twice gives two ops; a parameter shared by two
 modules (a tied LM head) is one `Weight` with two slots. An op's weights must stay in place from its
 entry to its exit, which for a container spans the ops nested inside it (`end_index`).
 
@@ -24,13 +25,14 @@ from .units import align_up
 
 @dataclass(frozen=True)
 class Weight:
-    """A parameter, however many modules hold it."""
+    """A parameter or buffer, however many modules hold it."""
     index: int
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
     slots: tuple[tuple[str, str], ...]  # (module name, attribute) pairs that hold it
+    is_buffer: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ class ModelWeights:
     max_working_module: str
 
 
+def owned_tensors(module: nn.Module):
+    """(table, attribute, tensor) for the parameters, then the buffers, that `module` holds itself."""
+    for table in (module._parameters, module._buffers):
+        for attr, t in table.items():
+            if t is not None:
+                yield table, attr, t
+
+
 def collect_weights(model: nn.Module, alignment: int) -> tuple[ModelWeights, list[torch.Tensor]]:
     """Weights of `model` (tied parameters once) and the tensors holding them now."""
     index_of: dict[int, int] = {}
@@ -68,12 +78,12 @@ def collect_weights(model: nn.Module, alignment: int) -> tuple[ModelWeights, lis
     names: list[str] = []
     slots: list[list[tuple[str, str]]] = []
     owned: dict[str, tuple[int, ...]] = {}
+    is_buffer: list[bool] = []
     for mod_name, module in model.named_modules():
         mine = []
-        for attr, param in module._parameters.items():
-            if param is None:
-                continue
+        for table, attr, param in owned_tensors(module):
             if id(param) not in index_of:
+                is_buffer.append(table is module._buffers)
                 index_of[id(param)] = len(tensors)
                 tensors.append(param)
                 names.append(f"{mod_name}.{attr}" if mod_name else attr)
@@ -84,12 +94,11 @@ def collect_weights(model: nn.Module, alignment: int) -> tuple[ModelWeights, lis
         if mine:
             owned[mod_name] = tuple(mine)
     weights = tuple(
-        Weight(i, names[i], tuple(t.shape), t.dtype, t.numel() * t.element_size(), tuple(slots[i]))
+        Weight(i, names[i], tuple(t.shape), t.dtype, t.numel() * t.element_size(), tuple(slots[i]), is_buffer[i])
         for i, t in enumerate(tensors))
 
     def own_bytes(module: nn.Module) -> int:
-        return sum(align_up(p.numel() * p.element_size(), alignment)
-                   for p in module._parameters.values() if p is not None)
+        return sum(align_up(t.numel() * t.element_size(), alignment) for _, _, t in owned_tensors(module))
 
     best, best_name = 0, ""
     for mod_name, module in model.named_modules(remove_duplicate=False):
@@ -117,21 +126,22 @@ def input_signature(args: tuple, kwargs: dict) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def typed_view(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> nn.Parameter:
-    """A parameter over `raw` bytes (uint8), with the weight's dtype and shape."""
-    return nn.Parameter(raw.view(dtype).view(shape), requires_grad=False)
+def typed_view(raw: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """The weight over `raw` bytes (uint8): a parameter, or a plain tensor for a buffer."""
+    t = raw.view(weight.dtype).view(weight.shape)
+    return t if weight.is_buffer else nn.Parameter(t, requires_grad=False)
 
 
-def placeholder(weight: Weight) -> nn.Parameter:
+def placeholder(weight: Weight) -> torch.Tensor:
     """What a slot holds while its weight is not in place: a meta tensor, so a stray use fails loudly."""
-    return nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
+    return typed_view(torch.empty(weight.nbytes, dtype=torch.uint8, device="meta"), weight)
 
 
 class ScratchLoader:
     """Loads each op's weights into a scratch buffer on entry (stack order) and unloads them on exit."""
 
     def __init__(self, model: nn.Module, mw: ModelWeights, read_into: Callable[[int, torch.Tensor], None],
-                 scratch: torch.Tensor, alignment: int, resident_views: dict[int, nn.Parameter]):
+                 scratch: torch.Tensor, alignment: int, resident_views: dict[int, torch.Tensor]):
         self.model = model
         self.mw = mw
         self.read_into = read_into
@@ -145,9 +155,7 @@ class ScratchLoader:
     def enter(self, mod_name: str) -> None:
         module = self.model.get_submodule(mod_name)
         self.saved_tops.append(self.top)
-        for attr, param in module._parameters.items():
-            if param is None:
-                continue
+        for table, attr, _ in list(owned_tensors(module)):
             w = self.mw.weights[self._weight_of(mod_name, attr)]
             view = self.resident_views.get(w.index)
             if view is None:
@@ -158,18 +166,26 @@ class ScratchLoader:
                                         f"from outside its parent; keep it resident")
                 raw = self.scratch[self.top:self.top + w.nbytes]
                 self.read_into(w.index, raw)
-                view = typed_view(raw, w.dtype, w.shape)
+                view = typed_view(raw, w)
                 self.top = end
-            module._parameters[attr] = view
+            table[attr] = view
 
-    def exit(self, mod_name: str, placeholders: dict[int, nn.Parameter]) -> None:
+    def exit(self, mod_name: str, placeholders: dict[int, torch.Tensor]) -> None:
         module = self.model.get_submodule(mod_name)
-        for attr, param in module._parameters.items():
-            if param is None:
-                continue
+        for table, attr, t in list(owned_tensors(module)):
             w = self._weight_of(mod_name, attr)
-            module._parameters[attr] = self.resident_views.get(w, placeholders[w])
+            if self.mw.weights[w].is_buffer and w not in self.resident_views:
+                self._check_unchanged(mod_name, attr, w, t)
+            table[attr] = self.resident_views.get(w, placeholders[w])
         self.top = self.saved_tops.pop()
+
+    def _check_unchanged(self, mod_name: str, attr: str, w: int, t: torch.Tensor) -> None:
+        stored = torch.empty(self.mw.weights[w].nbytes, dtype=torch.uint8, device=t.device)
+        self.read_into(w, stored)
+        if not torch.equal(stored, t.reshape(-1).view(torch.uint8)):
+            raise FlashmemError(f"the forward wrote to buffer {mod_name}.{attr}; flashmem streams buffers "
+                                f"read-only, so the write would be lost. Put the model in eval mode, or keep "
+                                f"state such as caches out of module buffers")
 
     def _weight_of(self, mod_name: str, attr: str) -> int:
         w = self.slot_weight.get((mod_name, attr))
@@ -184,7 +200,7 @@ def module_names(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
 
-def trace(model: nn.Module, mw: ModelWeights, loader: ScratchLoader, placeholders: dict[int, nn.Parameter],
+def trace(model: nn.Module, mw: ModelWeights, loader: ScratchLoader, placeholders: dict[int, torch.Tensor],
           args: tuple, kwargs: dict, *, device: torch.device, buffer_bytes: int) -> tuple[Program, Any]:
     """Run `model(*args, **kwargs)` once, loading weights on demand; return the program and the output."""
     names = module_names(model)
