@@ -32,11 +32,10 @@ MAX_PLANS = 8
 
 
 def activation_reserve(measured_bytes: int) -> int:
-    """Device bytes kept for activations: the traced peak, plus a tenth and one allocator block for
-    the caching allocator's rounding."""
+    """Device bytes kept for activations: the traced peak of reserved memory, plus one allocator block."""
     if measured_bytes <= 0:
         return 0
-    return align_up(measured_bytes + measured_bytes // 10, CUDA_GRANULARITY) + CUDA_GRANULARITY
+    return align_up(measured_bytes, CUDA_GRANULARITY) + CUDA_GRANULARITY
 
 
 class StreamedModel:

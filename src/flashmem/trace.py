@@ -49,7 +49,7 @@ class Program:
     """What the planner plans: ops in order and the weights they use."""
     weights: tuple[Weight, ...]
     ops: tuple[Op, ...]
-    activation_bytes: int  # peak device bytes allocated by the forward (CUDA); 0 where not measured
+    activation_bytes: int  # peak device bytes the forward's activations took (CUDA, reserved); 0 where not measured
     buffer_bytes: int  # module buffers, kept on the device for good
     signature: str  # shapes and dtypes of the traced inputs
 
@@ -227,15 +227,20 @@ def trace(model: nn.Module, mw: ModelWeights, loader: ScratchLoader, placeholder
     is_cuda = device.type == "cuda"
     try:
         if is_cuda:
+            # Start from an empty cache so the reserved growth we see is what the forward's activations
+            # cost the caching allocator (segment rounding included), as it will in a streamed call.
             torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
+            torch.cuda.empty_cache()
+            allocated0 = torch.cuda.memory_allocated(device)
+            reserved0 = torch.cuda.memory_reserved(device)
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
             out = model(*args, **kwargs)
         activation_bytes = 0
         if is_cuda:
             torch.cuda.synchronize(device)
-            activation_bytes = torch.cuda.max_memory_allocated(device) - base
+            activation_bytes = max(torch.cuda.max_memory_allocated(device) - allocated0,
+                                   torch.cuda.max_memory_reserved(device) - reserved0)
     finally:
         for h in handles:
             h.remove()
