@@ -41,9 +41,9 @@ class CudaMover:
         self.copy_stream = torch.cuda.Stream(device)
         n = len(plan.loads)
         self.done = [torch.cuda.Event() for _ in range(n)]
-        holder = previous_holder(plan)
-        self.wait_free = [holder[j] for j in range(n)]
-        self.freed = [torch.cuda.Event() if j in set(holder) else None for j in range(n)]
+        self.wait_free = previous_holder(plan)
+        awaited = set(self.wait_free)
+        self.freed = [torch.cuda.Event() if j in awaited else None for j in range(n)]
         self.groups = self._copy_groups(store)
         self.timing = timing
         self.t_begin = torch.cuda.Event(enable_timing=True)

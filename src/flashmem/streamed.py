@@ -8,6 +8,7 @@ An input of a new shape or dtype is traced and planned again; plans are cached b
 from __future__ import annotations
 
 import sys
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -58,6 +59,8 @@ class StreamedModel:
         self._signature: str | None = None
         self._tracing = False
         self._active = False
+        self._active_thread: int | None = None
+        self._state_lock = threading.Lock()
         self._hooks: list = []
         self._set_all(lambda w: self._placeholders[w])
 
@@ -162,13 +165,22 @@ class StreamedModel:
     def _call_begin(self, module, args, kwargs):
         if self._tracing:
             return None
-        if self._active:
-            raise FlashmemError("this StreamedModel is already running a call (from another thread, or "
-                                "re-entered from inside its forward); calls must not overlap")
-        args, kwargs = tree_map(self._to_device, (args, kwargs))
-        self._prepare(args, kwargs)
-        self._active = True
-        self._executor.begin()
+        me = threading.get_ident()
+        with self._state_lock:
+            if self._active and self._active_thread != me:
+                raise FlashmemError("this StreamedModel is running a call in another thread; calls on one "
+                                    "StreamedModel must not overlap: serialise them, or stream one per thread")
+            stale = self._active  # same thread: a call cut off by KeyboardInterrupt left its state behind
+            self._active, self._active_thread = True, me
+        try:
+            if stale:
+                self._executor.end(failed=True)
+            args, kwargs = tree_map(self._to_device, (args, kwargs))
+            self._prepare(args, kwargs)
+            self._executor.begin()
+        except BaseException:
+            self._active = False
+            raise
         return args, kwargs
 
     def _call_end(self, module, args, result):
