@@ -42,6 +42,7 @@ def build_on_meta(path: Path, dtype: torch.dtype | None, trust_remote_code: bool
     cls = _model_class(config)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    model.tie_weights()  # tied parameters (an LM head on the embedding) become one, as from_pretrained does
     return model.eval()
 
 
