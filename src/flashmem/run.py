@@ -86,6 +86,7 @@ class Executor:
         self.op_modules = tuple(model.get_submodule(op.module) for op in program.ops)
         self.cursor = 0
         self.entered: list[int] = []
+        self.profiling = False  # time every op, not only those that wait for loads
 
     def begin(self) -> None:
         self.cursor = 0
@@ -123,8 +124,8 @@ class Executor:
         steps = self.steps
         if steps.issue[i]:
             self.mover.issue(steps.issue[i])
-        if steps.wait[i]:
-            self.mover.wait(steps.wait[i])
+        if steps.wait[i] or self.profiling:
+            self.mover.wait(steps.wait[i], i)
         for params, attr, view in steps.bind[i]:
             params[attr] = view
         self.entered.append(i)

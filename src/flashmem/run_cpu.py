@@ -107,6 +107,7 @@ class CpuMover:
         self._drain()
         self._stats = None
         self.stall = 0.0
+        self.marks: list[tuple[int, float, float]] = []  # (op, before its waits, after them)
         reset_peak_rss()
         self.rss_start = rss_bytes()
         self.wall_start = time.perf_counter()
@@ -122,18 +123,19 @@ class CpuMover:
     def issue(self, loads: tuple[int, ...]) -> None:
         pass  # the IO thread runs ahead on its own, as far as released bytes allow
 
-    def wait(self, loads: tuple[int, ...]) -> None:
-        need = max(loads) + 1
-        if self.loaded >= need:
-            return
+    def wait(self, loads: tuple[int, ...], op: int) -> None:
         t0 = time.perf_counter()
-        with self.cond:
-            while self.loaded < need and self.error is None:
-                self.cond.wait()
-            if self.error is not None:
-                err = self.error
-                raise FlashmemError(f"reading weights from storage failed: {err}") from err
-        self.stall += time.perf_counter() - t0
+        need = max(loads) + 1 if loads else 0
+        if self.loaded < need:
+            with self.cond:
+                while self.loaded < need and self.error is None:
+                    self.cond.wait()
+                if self.error is not None:
+                    err = self.error
+                    raise FlashmemError(f"reading weights from storage failed: {err}") from err
+        t1 = time.perf_counter()
+        self.stall += t1 - t0
+        self.marks.append((op, t0, t1))
 
     def release(self, loads: tuple[int, ...]) -> None:
         with self.cond:
@@ -142,7 +144,8 @@ class CpuMover:
             self.cond.notify_all()
 
     def end_call(self) -> None:
-        wall = time.perf_counter() - self.wall_start
+        self.wall_end = time.perf_counter()
+        wall = self.wall_end - self.wall_start
         growth = max(peak_rss_bytes() - self.rss_start, 0)
         held = self.plan.arena_bytes
         streamed = sum(load.nbytes for load in self.plan.loads)
@@ -163,6 +166,12 @@ class CpuMover:
 
     def stats(self) -> CallStats | None:
         return self._stats
+
+    def step_seconds(self) -> list[float]:
+        """Compute time of each step of the last call (see CudaMover.step_seconds)."""
+        assert [m[0] for m in self.marks] == list(range(self.plan.n_ops)), "the last call was not profiled"
+        ends = [m[1] for m in self.marks[1:]] + [self.wall_end]
+        return [end - m[2] for m, end in zip(self.marks, ends)]
 
     def close(self) -> None:
         with self.cond:

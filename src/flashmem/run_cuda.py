@@ -49,10 +49,11 @@ class CudaMover:
         self.t_begin = torch.cuda.Event(enable_timing=True)
         self.t_end = torch.cuda.Event(enable_timing=True)
         self.call_start = torch.cuda.Event()
-        self.stall_pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                            for _ in range(plan.n_ops)] if timing else []
-        self.stall_used: list[int] = []
-        self.stall_op = 0
+        # Per op, events before and after its waits: stall = before -> after; compute of step i = after
+        # (op i) -> before (op i + 1).
+        self.marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(plan.n_ops)] if timing else []
+        self.marked: list[int] = []
         self._stats: CallStats | None = None
         self._pending = None
 
@@ -85,7 +86,7 @@ class CudaMover:
         stream = torch.cuda.current_stream(self.device)
         self.compute = stream
         self._stats = None
-        self.stall_used = []
+        self.marked = []
         self.streamed = 0
         self.alloc_start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -106,15 +107,15 @@ class CudaMover:
                     self.done[j].record(self.copy_stream)
                 self.streamed += dst.numel()
 
-    def wait(self, loads: tuple[int, ...]) -> None:
+    def wait(self, loads: tuple[int, ...], op: int) -> None:
         if self.timing:
-            a, b = self.stall_pairs[len(self.stall_used)]
-            a.record(self.compute)
+            before, after = self.marks[op]
+            before.record(self.compute)
         for j in loads:
             self.compute.wait_event(self.done[j])
         if self.timing:
-            b.record(self.compute)
-            self.stall_used.append(len(self.stall_used))
+            after.record(self.compute)
+            self.marked.append(op)
 
     def release(self, loads: tuple[int, ...]) -> None:
         for j in loads:
@@ -140,7 +141,15 @@ class CudaMover:
         if self._stats is None and self._pending is not None:
             self.t_end.synchronize()
             wall = self.t_begin.elapsed_time(self.t_end) / 1e3
-            stall = sum(self.stall_pairs[i][0].elapsed_time(self.stall_pairs[i][1]) for i in self.stall_used) / 1e3
+            stall = sum(self.marks[i][0].elapsed_time(self.marks[i][1]) for i in self.marked) / 1e3
             self._stats = CallStats(peak_bytes=self._pending[0], streamed_bytes=self._pending[1],
                                     wall_s=wall, stall_s=stall)
         return self._stats
+
+    def step_seconds(self) -> list[float]:
+        """Compute time of each step of the last call (op i's entry, after its waits, to op i + 1's
+        entry); valid after a call made with every op timed."""
+        assert self.marked == list(range(self.plan.n_ops)), "the last call was not profiled"
+        self.t_end.synchronize()
+        ends = [self.marks[i + 1][0] for i in range(self.plan.n_ops - 1)] + [self.t_end]
+        return [self.marks[i][1].elapsed_time(ends[i]) / 1e3 for i in range(self.plan.n_ops)]
