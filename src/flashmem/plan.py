@@ -83,6 +83,23 @@ class Plan:
                 f"{fmt_bytes(self.activation_bytes)} kept for activations; {len(program.ops)} ops")
 
 
+def previous_holders(loads, alignment: int) -> list[int | None]:
+    """For each load, the earlier load of the same call that last held any of its bytes (the one
+    released latest), whose release it must wait for; None where its bytes are fresh this call.
+    A load owns its bytes rounded up to the alignment (copies may carry the padding)."""
+    out: list[int | None] = []
+    for j, load in enumerate(loads):
+        begin, end = load.offset_bytes, load.offset_bytes + align_up(load.nbytes, alignment)
+        best = None
+        for k in range(j - 1, -1, -1):
+            other = loads[k]
+            if other.offset_bytes < end and begin < other.offset_bytes + align_up(other.nbytes, alignment):
+                if best is None or other.last_use > loads[best].last_use:
+                    best = k
+        out.append(best)
+    return out
+
+
 @dataclass(frozen=True)
 class UseRun:
     """Consecutive uses of one weight that one load serves."""

