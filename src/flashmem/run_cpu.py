@@ -61,6 +61,7 @@ class CpuMover:
         self.closed = False
         self._stats: CallStats | None = None
         self.serial = False  # profiling: reads happen in the compute thread between ops, never beside them
+        self.pending: list[int] = []
         self.thread = threading.Thread(target=self._io_loop, name="flashmem-io", daemon=True)
         if plan.loads:
             self.thread.start()
@@ -121,15 +122,18 @@ class CpuMover:
                 self.cond.notify_all()
 
     def issue(self, loads: tuple[int, ...]) -> None:
-        if not self.serial:
-            return  # the IO thread runs ahead on its own, as far as released bytes allow
-        for j in loads:
-            load = self.plan.loads[j]
-            self.store.read_into_view(load.weight, memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes]))
-            self.loaded = j + 1
+        if self.serial:
+            self.pending.extend(loads)  # read in wait(), inside the op's wait time
+        # else the IO thread runs ahead on its own, as far as released bytes allow
 
     def wait(self, loads: tuple[int, ...], op: int) -> None:
         t0 = time.perf_counter()
+        for j in self.pending:
+            load = self.plan.loads[j]
+            view = memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes])
+            self.store.read_into_view(load.weight, view)
+            self.loaded = j + 1
+        self.pending.clear()
         need = max(loads) + 1 if loads else 0
         if self.loaded < need:
             with self.cond:
