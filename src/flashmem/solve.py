@@ -1,0 +1,248 @@
+"""The CP-SAT planner (Google OR-Tools): which weights stay resident and when each load starts, to
+minimise the predicted latency under the budget.
+
+Data -> variables -> constraints -> objective -> solve -> plan. Time is indexed by step: step 0 is the
+call's start (nothing computes yet), step s >= 1 is op s - 1 computing. For each use run u of a weight
+(first use at step f, last use at step l, size S) that is not resident, `held[u, s]` says its load has
+started by step s (within `lookahead` steps before f); its bytes are held from then to l, and
+`moved[u, s]` KiB of it cross the link in step s. Loads start in order of first use (one copy queue).
+Per step, the bytes held fit the arena; the step lasts at least its compute (longer by the measured
+slowdown while the link is busy) and at least its transfer (bytes over bandwidth, plus a per-copy
+overhead). The objective is the sum of step times, plus `resident_weight` per resident byte (the
+paper's lambda).
+
+Long programs are solved in a rolling window of steps, each window with what earlier windows decided
+fixed, and the simple plan as a hint. Offsets are assigned after solving (first fit in time and space).
+Tiers: the solver's plan; the solver with a tighter arena (more room for placement); the simple plan.
+`plan.status` says "optimal", "feasible" or "fallback", and `plan.note` which tier answered and why.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from ortools.sat.python import cp_model
+
+from .check import find_problems
+from .costs import CostModel, simulate
+from .plan import Load, Plan, Resident, UseRun, place_ring, simple_plan, use_runs
+from .trace import Program
+from .units import align_up
+
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    lookahead: int = 48  # steps before its first use a load may start
+    window_steps: int = 200  # steps per rolling window
+    time_limit_s: float = 20.0  # for the whole program
+    resident_weight: float = 0.0  # objective cost per resident byte, in seconds (the paper's lambda)
+    seed: int = 0
+    workers: int = 2
+
+
+@dataclass
+class _Decisions:
+    resident: set[int] = field(default_factory=set)
+    start: dict[int, int] = field(default_factory=dict)  # run index -> solver step its load starts in
+    moved: dict[tuple[int, int], int] = field(default_factory=dict)  # (run, step) -> KiB moved
+    optimal: bool = True
+
+
+def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostModel, arena_u: int, lo: int, hi: int,
+            done: _Decisions, hint: _Decisions, settings: SolverSettings, time_limit_s: float) -> bool:
+    """Decide the runs whose first use is at a step in [lo, hi); add the decisions to `done`."""
+    n_steps = len(costs.steps) + 1
+    ns_per_unit = unit / costs.link.bandwidth_bytes_per_s * 1e9  # sizes are in units of `unit` bytes
+    overhead_ns = int(round(costs.link.overhead_s * 1e9))
+    compute_ns = [0] + [int(round(s.compute_s * 1e9)) for s in costs.steps]
+    slowdown = [1.0] + [s.slowdown for s in costs.steps]
+
+    # -- data ------------------------------------------------------------------------------------------
+    deciding = [u for u, r in enumerate(runs) if lo <= r.first_use + 1 < hi and r.weight not in done.resident]
+    decided_weights = {runs[u].weight for u in done.start} | done.resident
+    new_weights = sorted({runs[u].weight for u in deciding} - decided_weights)
+    window_lo = max(0, lo - settings.lookahead)
+    held_before = [0] * n_steps  # KiB that earlier windows hold at each step
+    moved_before = [0] * n_steps  # KiB that earlier windows move in each step
+    for s in range(n_steps):
+        held_before[s] = sum(size_u[w] for w in done.resident)
+    for u, s0 in done.start.items():
+        r = runs[u]
+        for s in range(s0, r.last_use + 2):
+            held_before[s] += size_u[r.weight]
+    for (u, s), kib in done.moved.items():
+        moved_before[s] += kib
+
+    model = cp_model.CpModel()
+    # -- variables ----------------------------------------------------------------------------------------
+    resident = {w: model.new_bool_var(f"resident_{w}") for w in new_weights}
+    held: dict[tuple[int, int], cp_model.IntVar] = {}
+    moved: dict[tuple[int, int], cp_model.IntVar] = {}
+    window_of: dict[int, list[int]] = {}
+    for u in deciding:
+        r = runs[u]
+        f = r.first_use + 1
+        steps = list(range(max(window_lo, f - settings.lookahead), f))
+        window_of[u] = steps
+        for s in steps:
+            held[u, s] = model.new_bool_var(f"held_{u}_{s}")
+            moved[u, s] = model.new_int_var(0, size_u[r.weight], f"moved_{u}_{s}")
+
+    def streamed(u):  # 1 if run u's weight is streamed
+        w = runs[u].weight
+        return 1 - resident[w] if w in resident else 1
+
+    # -- constraints -------------------------------------------------------------------------------------
+    for u in deciding:
+        steps, size = window_of[u], size_u[runs[u].weight]
+        for a, b in zip(steps, steps[1:]):
+            model.add(held[u, a] <= held[u, b])  # once started, held until the last use
+        model.add(held[u, steps[-1]] == streamed(u))
+        model.add(sum(moved[u, s] for s in steps) == size * streamed(u))
+        for s in steps:
+            model.add(moved[u, s] <= size * held[u, s])
+    for u, v in zip(deciding, deciding[1:]):  # one copy queue: loads start in order of first use
+        for s in window_of[v]:
+            if (u, s) in held:
+                model.add(held[v, s] <= held[u, s] + (resident[runs[u].weight] if runs[u].weight in resident else 0))
+            elif s < window_of[u][0]:
+                model.add(held[v, s] == 0)
+
+    def held_kib(s):
+        terms = [size_u[w] * v for w, v in resident.items()]
+        for u in deciding:
+            r, size = runs[u], size_u[runs[u].weight]
+            if (u, s) in held:
+                terms.append(size * held[u, s])
+            elif r.first_use + 1 <= s <= r.last_use + 1:
+                terms.append(size * streamed(u))
+        return sum(terms)
+
+    for s in range(window_lo, n_steps):
+        if s < hi:
+            model.add(held_kib(s) + held_before[s] <= arena_u)
+        elif resident:  # later runs still need room beside what this window keeps resident
+            later = sum(size_u[r.weight] for u, r in enumerate(runs) if u not in done.start and u not in
+                        deciding and r.first_use + 1 <= s <= r.last_use + 1 and r.weight not in done.resident)
+            model.add(sum(size_u[w] * v for w, v in resident.items()) + held_before[s] + later <= arena_u)
+
+    step_time = []
+    scale = max(1, int(1000 / ns_per_unit))  # ns per size unit, kept as a fraction over `scale`
+    for s in range(window_lo, min(hi, n_steps)):
+        moves = [moved[u, s] for u in deciding if (u, s) in moved]
+        t = model.new_int_var(compute_ns[s], 10**13, f"step_time_{s}")
+        if moves or moved_before[s]:
+            starts = [held[u, s] - (held[u, s - 1] if (u, s - 1) in held else 0) for u in deciding if (u, s) in held]
+            model.add(scale * t >= int(round(ns_per_unit * scale)) * (sum(moves) + moved_before[s])
+                      + scale * overhead_ns * sum(starts))
+            if slowdown[s] > 1.02:
+                busy = model.new_bool_var(f"busy_{s}")
+                model.add(sum(moves) + moved_before[s] <= (sum(size_u.values()) + 1) * busy)
+                model.add(t >= compute_ns[s] + int((slowdown[s] - 1.0) * compute_ns[s]) * busy)
+        step_time.append(t)
+
+    # -- objective -----------------------------------------------------------------------------------
+    ns_per_resident_unit = settings.resident_weight * unit * 1e9
+    model.minimize(sum(step_time) + sum(int(round(ns_per_resident_unit * size_u[w])) * v
+                                        for w, v in resident.items()))
+    for w, v in resident.items():
+        model.add_hint(v, int(w in hint.resident))
+    for (u, s), v in held.items():
+        model.add_hint(v, int(u in hint.start and hint.start[u] <= s))
+
+    # -- solve -----------------------------------------------------------------------------------------
+    solver = cp_model.CpSolver()
+    # A deterministic time limit (and interleaved workers) make the answer depend on the seed alone.
+    solver.parameters.max_deterministic_time = max(time_limit_s, 0.2)
+    solver.parameters.max_time_in_seconds = 4 * max(time_limit_s, 0.2)
+    solver.parameters.num_workers = settings.workers
+    solver.parameters.interleave_search = True
+    solver.parameters.random_seed = settings.seed
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return False
+    done.optimal &= status == cp_model.OPTIMAL
+    done.resident |= {w for w, v in resident.items() if solver.value(v)}
+    for u in deciding:
+        if runs[u].weight in done.resident:
+            continue
+        done.start[u] = next(s for s in window_of[u] if solver.value(held[u, s]))
+        for s in window_of[u]:
+            if solver.value(moved[u, s]):
+                done.moved[u, s] = solver.value(moved[u, s])
+    return True
+
+
+def _hint_from(plan: Plan, runs: list[UseRun]) -> _Decisions:
+    hint = _Decisions(resident={r.weight for r in plan.residents})
+    by_key = {(load.weight, load.first_use): load for load in plan.loads}
+    for u, r in enumerate(runs):
+        load = by_key.get((r.weight, r.first_use))
+        if load is not None:
+            hint.start[u] = 0 if load.start_step == 0 else load.start_step + 1
+    return hint
+
+
+def _place(program: Program, runs: list[UseRun], d: _Decisions, arena_bytes: int, alignment: int
+           ) -> tuple[list[Resident], list[Load], int] | None:
+    """Offsets for the decisions: residents packed at the bottom, loads round a ring above them at the
+    solver's start steps (a load whose bytes are not free yet then starts as soon as they are)."""
+    residents, offset = [], 0
+    for w in sorted(d.resident):
+        residents.append(Resident(w, offset, program.weights[w].nbytes))
+        offset += align_up(program.weights[w].nbytes, alignment)
+    order = sorted(d.start, key=lambda u: (d.start[u], runs[u].first_use, runs[u].weight))
+    loads = place_ring(program, [runs[u] for u in order], offset, arena_bytes - offset, alignment,
+                       starts=[max(0, d.start[u] - 1) for u in order])
+    return None if loads is None else (residents, loads, offset)
+
+
+def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device: str, alignment: int,
+               activation_bytes: int, granularity: int = 1, settings: SolverSettings = SolverSettings()) -> Plan:
+    """The solver's plan, or the best tier that places; never worse (predicted) than the simple plan."""
+    t0 = time.perf_counter()
+    simple = simple_plan(program, budget_bytes=budget_bytes, device=device, alignment=alignment,
+                         activation_bytes=activation_bytes, granularity=granularity)  # raises BudgetTooSmall
+    simple = replace(simple, predicted_s=simulate(simple, costs).total_s)
+    avail = (budget_bytes - activation_bytes - program.buffer_bytes) // granularity * granularity
+    runs = use_runs(program)
+    # Sizes in units of the alignment: exact, as the arena allocates them.
+    size_u = {w.index: align_up(w.nbytes, alignment) // alignment for w in program.weights}
+    hint = _hint_from(simple, runs)
+    n_steps = len(program.ops) + 1
+    notes = []
+    for tier, shrink in (("solver", 1.0), ("solver, arena tightened by 10% for placement", 0.9),
+                         ("solver, arena tightened by 25% for placement", 0.75)):
+        arena_u = int(avail * shrink) // alignment
+        done = _Decisions()
+        ok = True
+        for lo in range(0, n_steps, settings.window_steps):
+            hi = min(n_steps, lo + settings.window_steps)
+            share = settings.time_limit_s / 3 * (hi - lo) / n_steps
+            if not _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share):
+                ok = False
+                break
+        if not ok:
+            notes.append(f"{tier}: no solution")
+            continue
+        placed = _place(program, runs, done, avail, alignment)
+        if placed is None:
+            notes.append(f"{tier}: offsets did not place")
+            continue
+        residents, loads, resident_bytes = placed
+        ring_end = max([resident_bytes] + [l.offset_bytes + align_up(l.nbytes, alignment) for l in loads])
+        plan = replace(simple, arena_bytes=align_up(ring_end, granularity), resident_bytes=resident_bytes,
+                       residents=tuple(residents), loads=tuple(loads),
+                       status="optimal" if done.optimal else "feasible", note=tier)
+        if list(find_problems(plan, program)):
+            notes.append(f"{tier}: rejected by the checker")
+            continue
+        plan = replace(plan, predicted_s=simulate(plan, costs).total_s)
+        if plan.predicted_s <= simple.predicted_s:
+            return replace(plan, solve_s=time.perf_counter() - t0)
+        notes.append(f"{tier}: predicted {plan.predicted_s * 1e3:.2f} ms, slower than the simple plan's "
+                     f"{simple.predicted_s * 1e3:.2f} ms")
+        break
+    return replace(simple, status="fallback", note="simple plan; " + "; ".join(notes),
+                   solve_s=time.perf_counter() - t0)
