@@ -62,6 +62,7 @@ class StreamedModel:
         self._active_thread: int | None = None
         self._state_lock = threading.Lock()
         self._hooks: list = []
+        self.costs = None  # the cost model of the last use_solver()
         self._set_all(lambda w: self._placeholders[w])
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -207,6 +208,25 @@ class StreamedModel:
         return None
 
     # -- public --------------------------------------------------------------------------------------
+    def use_solver(self, args: tuple, kwargs: dict, settings=None) -> Plan:
+        """Profile this input's steps on the device, plan with the CP-SAT solver and switch to its plan
+        (the solver keeps the simple plan where it predicts no gain)."""
+        from .costs import profile
+        from .solve import SolverSettings, solve_plan
+
+        args, kwargs = tree_map(self._to_device, (args, kwargs))
+        costs = profile(self, args, kwargs)
+        program, simple = self._current
+        plan = solve_plan(program, costs, budget_bytes=self.budget_bytes, device=simple.device,
+                          alignment=simple.alignment, activation_bytes=simple.activation_bytes,
+                          granularity=CUDA_GRANULARITY if self.device.type == "cuda" else self._alignment,
+                          settings=settings or SolverSettings())
+        check_plan(plan, program)
+        self.costs = costs
+        self._plans[program.signature] = (program, plan)
+        self._activate(program, plan)
+        return plan
+
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
@@ -257,10 +277,16 @@ def _static_check(mw: ModelWeights, budget_bytes: int, buffer_bytes: int) -> Non
             op=mw.max_working_module, need_bytes=need, budget_bytes=budget_bytes)
 
 
-def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source) -> StreamedModel:
+PLANNERS = ("simple", "solver")
+
+
+def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
+          planner: str = "simple") -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors)` makes the weight store."""
     device = check_device(device)
     budget_bytes = parse_bytes(budget)
+    if planner not in PLANNERS:
+        raise FlashmemError(f"planner {planner!r} is not one of {', '.join(PLANNERS)}")
     model.eval()
     alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
     mw, tensors = collect_weights(model, alignment)
@@ -279,6 +305,8 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     args, kwargs = tree_map(streamed._to_device, (args, kwargs))
     streamed._prepare(args, kwargs)
     streamed._install_hooks()
+    if planner == "solver" and streamed.plan.loads:
+        streamed.use_solver(args, kwargs)
     return streamed
 
 
@@ -292,11 +320,13 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 
 
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
-           example_kwargs: dict | None = None) -> StreamedModel:
+           example_kwargs: dict | None = None, planner: str = "simple") -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
     example_inputs / example_kwargs: one call's inputs, used to trace the order of ops.
+    planner: "simple" (keep what fits resident, prefetch the rest through a ring) or "solver" (profile
+    the model on the device, then plan with CP-SAT to minimise the predicted latency).
 
     Outputs are bit-identical to the model run with all weights resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
@@ -306,4 +336,5 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     >>> sm.stats.peak_bytes <= 2**30
     True
     """
-    return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors)
+    return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
+                 planner=planner)
