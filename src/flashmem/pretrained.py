@@ -55,7 +55,8 @@ def _file_dtype(locations) -> torch.dtype | None:
 
 def from_pretrained(path: str | Path, budget, device: str = "cpu", example_inputs: tuple | None = None,
                     example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
-                    trust_remote_code: bool = False, planner: str = "simple") -> StreamedModel:
+                    trust_remote_code: bool = False, planner: str = "simple",
+                    cache_dir: str | Path | None = None) -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
@@ -101,4 +102,5 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
             return store
         return FileStore.spill(found, [w.name for w in mw.weights])
 
-    return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner)
+    return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
+                 cache_dir=cache_dir)

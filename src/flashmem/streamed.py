@@ -7,8 +7,10 @@ An input of a new shape or dtype is traced and planned again; plans are cached b
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
+from pathlib import Path
 from collections import OrderedDict
 from typing import Any
 
@@ -208,21 +210,32 @@ class StreamedModel:
         return None
 
     # -- public --------------------------------------------------------------------------------------
-    def use_solver(self, args: tuple, kwargs: dict, settings=None) -> Plan:
+    def use_solver(self, args: tuple, kwargs: dict, settings=None, cache_dir: str | Path | None = None) -> Plan:
         """Profile this input's steps on the device, plan with the CP-SAT solver and switch to its plan
-        (the solver keeps the simple plan where it predicts no gain)."""
+        (the solver keeps the simple plan where it predicts no gain). With `cache_dir`, a plan cached
+        there for the same weights, budget, device and input is reused, and a new one is saved."""
+        from .cache import PlanCache, cache_key
         from .costs import profile
         from .solve import SolverSettings, solve_plan
 
         args, kwargs = tree_map(self._to_device, (args, kwargs))
-        costs = profile(self, args, kwargs)
+        self(*args, **kwargs)  # plans this input's signature with the simple planner if needed
         program, simple = self._current
-        plan = solve_plan(program, costs, budget_bytes=self.budget_bytes, device=simple.device,
-                          alignment=simple.alignment, activation_bytes=simple.activation_bytes,
-                          granularity=CUDA_GRANULARITY if self.device.type == "cuda" else self._alignment,
-                          settings=settings or SolverSettings())
+        cache = PlanCache(cache_dir) if cache_dir is not None else None
+        key = cache_key(program, self.budget_bytes, simple.device, "solver")
+        cached = cache.load(key, program) if cache else None
+        if cached is not None:
+            plan, self.costs = cached
+        else:
+            costs = profile(self, args, kwargs)
+            plan = solve_plan(program, costs, budget_bytes=self.budget_bytes, device=simple.device,
+                              alignment=simple.alignment, activation_bytes=simple.activation_bytes,
+                              granularity=CUDA_GRANULARITY if self.device.type == "cuda" else self._alignment,
+                              settings=settings or SolverSettings())
+            self.costs = costs
+            if cache:
+                cache.save(key, program, plan, costs)
         check_plan(plan, program)
-        self.costs = costs
         self._plans[program.signature] = (program, plan)
         self._activate(program, plan)
         return plan
@@ -280,8 +293,12 @@ def _static_check(mw: ModelWeights, budget_bytes: int, buffer_bytes: int) -> Non
 PLANNERS = ("simple", "solver")
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FLASHMEM_CACHE", Path.home() / ".cache" / "flashmem")) / "plans"
+
+
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
-          planner: str = "simple") -> StreamedModel:
+          planner: str = "simple", cache_dir: str | Path | None = None) -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors)` makes the weight store."""
     device = check_device(device)
     budget_bytes = parse_bytes(budget)
@@ -306,7 +323,7 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     streamed._prepare(args, kwargs)
     streamed._install_hooks()
     if planner == "solver" and streamed.plan.loads:
-        streamed.use_solver(args, kwargs)
+        streamed.use_solver(args, kwargs, cache_dir=cache_dir or default_cache_dir())
     return streamed
 
 
@@ -320,13 +337,15 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 
 
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
-           example_kwargs: dict | None = None, planner: str = "simple") -> StreamedModel:
+           example_kwargs: dict | None = None, planner: str = "simple",
+           cache_dir: str | Path | None = None) -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
     example_inputs / example_kwargs: one call's inputs, used to trace the order of ops.
     planner: "simple" (keep what fits resident, prefetch the rest through a ring) or "solver" (profile
-    the model on the device, then plan with CP-SAT to minimise the predicted latency).
+    the model on the device, then plan with CP-SAT to minimise the predicted latency; the plan is
+    cached in `cache_dir`, by default $FLASHMEM_CACHE/plans or ~/.cache/flashmem/plans).
 
     Outputs are bit-identical to the model run with all weights resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
@@ -337,4 +356,4 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     True
     """
     return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
-                 planner=planner)
+                 planner=planner, cache_dir=cache_dir)
