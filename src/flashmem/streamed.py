@@ -25,7 +25,8 @@ from .run import CallStats, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover
 from .run_cuda import CudaMover
 from .store import FileStore, HostStore
-from .trace import ModelWeights, Program, ScratchLoader, collect_weights, input_signature, placeholder, trace
+from .trace import (ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature, module_names,
+                    placeholder)
 from .units import align_up, fmt_bytes, parse_bytes
 
 CUDA_ALIGNMENT = 512  # bytes; like PyTorch's allocator, so kernels see the same alignment as resident
@@ -59,7 +60,8 @@ class StreamedModel:
         self._resident_views: dict[int, torch.Tensor] = {}
         self._executor: Executor | None = None
         self._signature: str | None = None
-        self._tracing = False
+        self._tracer: Tracer | None = None
+        self._names = module_names(model)
         self._active = False
         self._active_thread: int | None = None
         self._state_lock = threading.Lock()
@@ -83,24 +85,31 @@ class StreamedModel:
             self._hooks.append(module.register_forward_hook(self._op_exit, always_call=True))
         self._hooks.append(self.model.register_forward_hook(self._call_end, always_call=True))
 
-    def _trace(self, args: tuple, kwargs: dict) -> Program:
-        """Trace with weights loaded on demand: into a fresh scratch buffer the first time, into the
-        arena's ring afterwards (resident weights stay where they are)."""
+    def _start_trace(self, signature: str) -> None:
+        """Make this call a traced one: weights load on demand, into a fresh scratch buffer the first
+        time, into the arena's ring afterwards (resident weights stay where they are)."""
         if self._arena is None:
-            scratch = torch.empty(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
+            scratch = torch.zeros(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
             resident: dict[int, torch.Tensor] = {}
         else:
             scratch = self._arena[self.plan.resident_bytes:]
             resident = self._resident_views
         loader = ScratchLoader(self.model, self._mw, self._store.read_into, scratch, self._alignment, resident)
-        self._tracing = True
-        try:
-            program, _ = trace(self.model, self._mw, loader, self._placeholders, args, kwargs,
-                               device=self.device, buffer_bytes=self._buffer_bytes)
-        finally:
-            self._tracing = False
-            del scratch, loader
-        return program
+        self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature)
+        self._tracer.start()
+
+    def _finish_trace(self, failed: bool) -> None:
+        tracer, self._tracer = self._tracer, None
+        if failed:
+            tracer.abort()
+            return
+        program = tracer.finish()
+        del tracer
+        plan = self._plan(program)
+        self._plans[program.signature] = (program, plan)
+        if len(self._plans) > MAX_PLANS:
+            self._plans.popitem(last=False)
+        self._activate(program, plan)
 
     def _plan(self, program: Program) -> Plan:
         cuda = self.device.type == "cuda"
@@ -145,29 +154,22 @@ class StreamedModel:
         self._current = (program, plan)
 
     def _prepare(self, args: tuple, kwargs: dict) -> None:
-        """Trace and plan for this input signature if needed, and switch to its plan."""
+        """Switch to this input signature's plan, or make this call the trace that plans it."""
         signature = input_signature(args, kwargs)
         if signature == self._signature:
             return
         cached = self._plans.get(signature)
         if cached is None:
-            program = self._trace(args, kwargs)
-            plan = self._plan(program)
-            cached = (program, plan)
-            self._plans[signature] = cached
-            if len(self._plans) > MAX_PLANS:
-                self._plans.popitem(last=False)
+            self._start_trace(signature)
         else:
             self._plans.move_to_end(signature)
-        self._activate(*cached)
+            self._activate(*cached)
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _to_device(self, x: Any) -> Any:
         return x.to(self.device) if isinstance(x, torch.Tensor) and x.device != self.device else x
 
     def _call_begin(self, module, args, kwargs):
-        if self._tracing:
-            return None
         me = threading.get_ident()
         with self._state_lock:
             if self._active and self._active_thread != me:
@@ -178,35 +180,46 @@ class StreamedModel:
         try:
             if stale:
                 self._executor.end(failed=True)
+            if self._tracer is not None:
+                self._finish_trace(failed=True)
             args, kwargs = tree_map(self._to_device, (args, kwargs))
             self._prepare(args, kwargs)
-            self._executor.begin()
+            if self._tracer is None:
+                self._executor.begin()
         except BaseException:
             self._active = False
             raise
         return args, kwargs
 
     def _call_end(self, module, args, result):
-        if self._tracing or not self._active:
+        if not self._active:
             return None
         self._active = False
         failed = result is None and sys.exc_info()[1] is not None
-        self._executor.end(failed)
+        if self._tracer is not None:
+            self._finish_trace(failed)
+        else:
+            self._executor.end(failed)
         return None
 
     def _op_enter(self, module, args):
-        if self._tracing:
-            return None
         if not self._active:
             raise FlashmemError("a submodule of a streamed model was called on its own; call the whole "
                                 "model (or the StreamedModel), whose hooks put the weights in place")
-        self._executor.pre_hook(module, args)
+        if self._tracer is not None:
+            self._tracer.enter(self._names[id(module)])
+        else:
+            self._executor.pre_hook(module, args)
         return None
 
     def _op_exit(self, module, args, result):
-        if self._tracing or not self._active:
+        if not self._active:
             return None
-        self._executor.post_hook(module, args, result)
+        if self._tracer is not None:
+            if self._tracer.stack:
+                self._tracer.exit(self._names[id(module)])
+        else:
+            self._executor.post_hook(module, args, result)
         return None
 
     # -- public --------------------------------------------------------------------------------------
@@ -319,9 +332,12 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     if not args and not kwargs:
         raise FlashmemError("example_inputs (or example_kwargs) are needed to trace the model; pass an input "
                             "like the ones you will call it with, e.g. example_inputs=(input_ids,)")
-    args, kwargs = tree_map(streamed._to_device, (args, kwargs))
-    streamed._prepare(args, kwargs)
     streamed._install_hooks()
+    try:
+        streamed(*args, **kwargs)  # the first call traces and plans
+    except BaseException:
+        streamed.close()
+        raise
     if planner == "solver" and streamed.plan.loads:
         streamed.use_solver(args, kwargs, cache_dir=cache_dir or default_cache_dir())
     return streamed

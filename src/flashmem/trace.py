@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -195,62 +195,71 @@ class ScratchLoader:
         return w
 
 
+class Tracer:
+    """Records one call: fed by module hooks (`enter`/`exit` per op), loading weights on demand through
+    `loader`; `finish` returns the program. The call it records is a real call: its output is the
+    model's output, computed with every weight in place."""
+
+    def __init__(self, mw: ModelWeights, loader: ScratchLoader, placeholders: dict[int, torch.Tensor],
+                 device: torch.device, buffer_bytes: int, signature: str):
+        self.mw = mw
+        self.loader = loader
+        self.placeholders = placeholders
+        self.device = device
+        self.buffer_bytes = buffer_bytes
+        self.signature = signature
+        self.ops: list[list] = []  # [module name, weights, end index]
+        self.stack: list[int] = []
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            # Start from an empty cache so the reserved growth we see is what the forward's activations
+            # cost the caching allocator (segment rounding included), as it will in a streamed call.
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            self.allocated0 = torch.cuda.memory_allocated(self.device)
+            self.reserved0 = torch.cuda.memory_reserved(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from .run_cpu import reset_peak_rss, rss_bytes
+
+            self.rss_tracked = reset_peak_rss()
+            self.rss0 = rss_bytes()
+
+    def enter(self, name: str) -> None:
+        self.stack.append(len(self.ops))
+        self.ops.append([name, self.mw.owned[name], None])
+        self.loader.enter(name)
+
+    def exit(self, name: str) -> None:
+        i = self.stack.pop()
+        self.ops[i][2] = len(self.ops) - 1
+        self.loader.exit(name, self.placeholders)
+
+    def abort(self) -> None:
+        while self.stack:
+            self.exit(self.ops[self.stack[-1]][0])
+
+    def finish(self) -> Program:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            activation_bytes = max(torch.cuda.max_memory_allocated(self.device) - self.allocated0,
+                                   torch.cuda.max_memory_reserved(self.device) - self.reserved0)
+        else:
+            from .run_cpu import peak_rss_bytes
+
+            activation_bytes = max(peak_rss_bytes() - self.rss0, 0) if self.rss_tracked else 0
+        if not self.ops:
+            raise FlashmemError("the traced forward used no parameters; is the example input right?")
+        return Program(
+            weights=self.mw.weights,
+            ops=tuple(Op(i, name, ws, end) for i, (name, ws, end) in enumerate(self.ops)),
+            activation_bytes=activation_bytes,
+            buffer_bytes=self.buffer_bytes,
+            signature=self.signature,
+        )
+
+
 def module_names(model: nn.Module) -> dict[int, str]:
     """id(module) -> its first qualified name."""
     return {id(m): name for name, m in model.named_modules()}
-
-
-def trace(model: nn.Module, mw: ModelWeights, loader: ScratchLoader, placeholders: dict[int, torch.Tensor],
-          args: tuple, kwargs: dict, *, device: torch.device, buffer_bytes: int) -> tuple[Program, Any]:
-    """Run `model(*args, **kwargs)` once, loading weights on demand; return the program and the output."""
-    names = module_names(model)
-    ops: list[dict] = []
-    stack: list[int] = []
-
-    def pre_hook(module, _args):
-        name = names[id(module)]
-        stack.append(len(ops))
-        ops.append({"module": name, "weights": mw.owned[name], "end_index": None})
-        loader.enter(name)
-
-    def post_hook(module, _args, _out):
-        name = names[id(module)]
-        i = stack.pop()
-        ops[i]["end_index"] = len(ops) - 1
-        loader.exit(name, placeholders)
-
-    handles = []
-    for name in mw.owned:
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook, always_call=True))
-    is_cuda = device.type == "cuda"
-    try:
-        if is_cuda:
-            # Start from an empty cache so the reserved growth we see is what the forward's activations
-            # cost the caching allocator (segment rounding included), as it will in a streamed call.
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            allocated0 = torch.cuda.memory_allocated(device)
-            reserved0 = torch.cuda.memory_reserved(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-        activation_bytes = 0
-        if is_cuda:
-            torch.cuda.synchronize(device)
-            activation_bytes = max(torch.cuda.max_memory_allocated(device) - allocated0,
-                                   torch.cuda.max_memory_reserved(device) - reserved0)
-    finally:
-        for h in handles:
-            h.remove()
-    if not ops:
-        raise FlashmemError("the traced forward used no parameters; is the example input right?")
-    program = Program(
-        weights=mw.weights,
-        ops=tuple(Op(i, o["module"], o["weights"], o["end_index"]) for i, o in enumerate(ops)),
-        activation_bytes=activation_bytes,
-        buffer_bytes=buffer_bytes,
-        signature=input_signature(args, kwargs),
-    )
-    return program, out
