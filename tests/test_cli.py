@@ -1,0 +1,84 @@
+"""The command-line tool, called in-process through flashmem.cli.main: `plan` writes or prints the plan's
+JSON, `run` streams a folder and exits 0, and failures exit 2 with the error on stderr."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from flashmem.cli import main
+
+from conftest import hf_model, resident
+
+
+def test_plan_writes_json(llama_folder, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(llama_folder), "--budget", "200KiB", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"] == 1 and doc["budget_bytes"] == 200 * 1024 and doc["device"] == "cpu"
+    assert doc["arena_bytes"] + doc["buffer_bytes"] + doc["activation_bytes"] <= doc["budget_bytes"]
+    assert doc["loads"] and doc["n_ops"] == len(doc["op_modules"])
+    assert doc["op_modules"][0] == "model.embed_tokens" and doc["op_modules"][-1] == "lm_head"
+    names = doc["weight_names"]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
+    for load in doc["loads"]:
+        assert 0 <= load["start_step"] <= load["first_use"] <= load["last_use"] < doc["n_ops"]
+        assert doc["resident_bytes"] <= load["offset_bytes"]
+        assert load["offset_bytes"] + load["nbytes"] <= doc["arena_bytes"]
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and str(out) in printed
+
+
+def test_plan_prints_json_without_out(llama_folder, capsys):
+    assert main(["plan", str(llama_folder), "--budget", "1MiB", "--tokens", "5"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["budget_bytes"] == 2**20 and doc["loads"] == []  # the whole model fits: all resident
+    assert len(doc["residents"]) == len(doc["weight_names"])
+
+
+def test_run_exits_zero_and_prints_the_right_token(llama_folder, capsys):
+    assert main(["run", str(llama_folder), "--budget", "200KiB", "--tokens", "8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    match = re.search(r"argmax of the last position: (\d+)", out)
+    assert match, out
+    ref = resident(hf_model("llama"), torch.arange(8).unsqueeze(0))
+    assert int(match.group(1)) == int(ref[0, -1].argmax())
+    assert "peak" in out and "streamed" in out
+
+
+def test_run_gpt2_folder(gpt2_folder, capsys):
+    assert main(["run", str(gpt2_folder), "--budget", "300KB", "--tokens", "8"]) == 0
+    assert "argmax" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "{folder}", "--budget", "plenty", "--tokens", "8"], ["BadBudget", "512MiB"]),
+    (["run", "{folder}", "--budget", "1KiB", "--tokens", "8"], ["BudgetTooSmall", "raise the budget to at least"]),
+    (["plan", "{folder}", "--budget", "1KiB"], ["BudgetTooSmall", "model.embed_tokens"]),
+    (["plan", "{missing}", "--budget", "1MiB"], ["BadModelFolder"]),
+])
+def test_failures_exit_two_with_the_error(argv, words, llama_folder, tmp_path, capsys):
+    argv = [a.format(folder=llama_folder, missing=tmp_path / "nothing-here") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flashmem: ")
+    for word in words:
+        assert word in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_cuda_without_gpu_exits_two(llama_folder, capsys):
+    assert main(["run", str(llama_folder), "--budget", "1MiB", "--device", "cuda"]) == 2
+    assert "DeviceUnavailable" in capsys.readouterr().err
+
+
+def test_usage_errors_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "plan" in capsys.readouterr().out

@@ -1,0 +1,246 @@
+"""CUDA: bit-exact outputs against the resident model for GPT-Neo- and Llama-shaped fp16 models at budgets
+below the model's size; the caching allocator's reserved memory stays within the budget from before
+flashmem.stream to after several calls; BudgetTooSmall on CUDA; many calls without growth.
+
+Skipped where torch.cuda.is_available() is False. The models are built on the CPU with a fixed seed (so
+every build has the same weights), moved to the GPU in fp16 for the resident reference, then moved back
+to the CPU before flashmem.stream, so that the GPU holds only what flashmem puts there.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import flashmem
+from flashmem.units import fmt_bytes
+
+from conftest import hf_model, model_bytes, out_of, save_folder
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MiB = 2**20
+VOCAB = 16384
+SEQ = 32
+
+
+def cuda_config(kind: str) -> dict:
+    """About 200 MB in fp16; the largest op (the embedding or the LM head) is 32 MiB."""
+    if kind == "neo":  # a global and a local attention layer, three times; lm_head tied to wte
+        return dict(vocab_size=VOCAB, max_position_embeddings=256, hidden_size=1024, num_layers=6, num_heads=16,
+                    attention_types=[[["global", "local"], 3]], window_size=8)
+    if kind == "llama":  # untied head, grouped-query attention
+        return dict(vocab_size=VOCAB, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                    num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=256)
+    raise ValueError(kind)
+
+
+def build(kind: str):
+    """The fp16 model on the CPU (same weights on every call)."""
+    return hf_model(kind, seed=0, **cuda_config(kind)).half()
+
+
+def inputs(n: int = 2, seq: int = SEQ, batch: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g).cuda() for _ in range(n)]
+
+
+def settle() -> None:
+    """Free what the references left cached, so the next measurement sees only flashmem."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module", params=["neo", "llama"])
+def case(request):
+    kind = request.param
+    model = build(kind)
+    nbytes = model_bytes(model)
+    xs = inputs()
+    model.cuda()
+    with torch.no_grad():
+        refs = [out_of(model(x)).clone() for x in xs]
+    assert all(torch.isfinite(r).all() for r in refs)
+    model.cpu()
+    del model
+    settle()
+    return dict(kind=kind, nbytes=nbytes, xs=xs, refs=refs)
+
+
+def stream_below_size(case, fraction: float):
+    """Stream a fresh model at `fraction` of its size; where the activation reserve makes that too small,
+    at what BudgetTooSmall asks for, which must still be below the model's size."""
+    budget = int(fraction * case["nbytes"])
+    for _ in range(3):
+        try:
+            return flashmem.stream(build(case["kind"]), budget, device="cuda", example_inputs=(case["xs"][0],)), budget
+        except flashmem.BudgetTooSmall as err:
+            budget = err.need_bytes + 2 * MiB
+            assert budget < case["nbytes"], f"{case['kind']}: needs {fmt_bytes(budget)} of a {fmt_bytes(case['nbytes'])} model"
+            settle()
+    raise AssertionError("no budget below the model's size")
+
+
+@pytest.mark.parametrize("fraction", [0.45, 0.7])
+def test_cuda_exact(case, fraction):
+    sm, budget = stream_below_size(case, fraction)
+    try:
+        plan = sm.plan
+        assert plan.device.startswith("cuda") and plan.total_bytes <= budget < case["nbytes"]
+        assert plan.loads and plan.activation_bytes > 0
+        for _ in range(2):
+            for x, ref in zip(case["xs"], case["refs"]):
+                with torch.no_grad():
+                    out = out_of(sm(x))
+                assert out.device.type == "cuda" and out.dtype == ref.dtype
+                assert torch.equal(out, ref)
+                del out
+        stats = sm.stats
+        assert stats.streamed_bytes == plan.streamed_bytes > 0
+        assert plan.arena_bytes <= stats.peak_bytes <= budget
+        with torch.no_grad():  # an input on the CPU is moved to the device; same signature, same plan
+            assert torch.equal(out_of(sm(case["xs"][1].cpu())), case["refs"][1])
+        assert len(sm._plans) == 1
+    finally:
+        sm.close()
+        settle()
+
+
+def test_cuda_reserved_memory_within_budget(case):
+    """From before flashmem.stream (trace, plan, arena) to after several calls, the caching allocator's
+    reserved memory grows by at most the budget. flashmem resets the peak statistics itself (in the trace
+    and at the start of each call), so the peak is read after stream returns and after every call; the
+    largest of those readings is the peak over the whole run."""
+    budget = int(0.45 * case["nbytes"])
+    model = build(case["kind"])
+    settle()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    try:
+        sm = flashmem.stream(model, budget, device="cuda", example_inputs=(case["xs"][0],))
+    except flashmem.BudgetTooSmall as err:
+        pytest.fail(f"{fmt_bytes(budget)} (45% of the model) is too small on this GPU: {err}")
+    try:
+        torch.cuda.synchronize()
+        peaks = [torch.cuda.max_memory_reserved()]
+        for i in range(6):
+            x, ref = case["xs"][i % 2], case["refs"][i % 2]
+            with torch.no_grad():
+                out = out_of(sm(x))
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_reserved())
+            assert torch.equal(out, ref), f"call {i}"
+            del out
+        growth = max(peaks) - before
+        assert growth <= budget, (f"reserved memory grew by {fmt_bytes(growth)} at a budget of {fmt_bytes(budget)} "
+                                  f"(peaks after stream and after each call: {[fmt_bytes(p - before) for p in peaks]})")
+        assert growth >= sm.plan.arena_bytes  # the arena is on the device: the measurement sees it
+        assert sm.plan.total_bytes <= budget
+    finally:
+        sm.close()
+        settle()
+
+
+def test_cuda_budget_too_small_before_any_work(case):
+    model = build(case["kind"])
+    params = dict(model.named_parameters())
+    settle()
+    allocated = torch.cuda.memory_allocated()
+    with pytest.raises(flashmem.BudgetTooSmall) as info:
+        flashmem.stream(model, "8MiB", device="cuda", example_inputs=(case["xs"][0],))
+    err = info.value
+    msg = str(err)
+    assert err.budget_bytes == 8 * MiB and err.need_bytes >= 32 * MiB  # the 32 MiB embedding
+    assert repr(err.op) in msg and fmt_bytes(err.budget_bytes) in msg
+    assert f"raise the budget to at least {fmt_bytes(err.need_bytes)}" in msg
+    # nothing was done: no device memory taken, the model's weights where they were
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated
+    assert dict(model.named_parameters()) == params and all(p.device.type == "cpu" for p in params.values())
+
+
+def test_cuda_budget_without_room_for_activations(case):
+    """A budget that holds the largest op's weights but not the activations as well is refused before
+    any streamed call, by the planner, which counts the activations it measured in the trace."""
+    from flashmem.streamed import CUDA_ALIGNMENT
+    from flashmem.trace import collect_weights
+
+    model = build(case["kind"])
+    mw, _ = collect_weights(model, CUDA_ALIGNMENT)
+    budget = mw.max_working_bytes + MiB
+    with pytest.raises(flashmem.BudgetTooSmall) as info:
+        flashmem.stream(model, budget, device="cuda", example_inputs=(case["xs"][0],))
+    msg = str(info.value)
+    assert "activations" in msg and "raise the budget to at least" in msg
+    assert info.value.need_bytes > budget
+    settle()
+
+
+def test_cuda_many_calls_no_growth(case):
+    sm, budget = stream_below_size(case, 0.45)
+    try:
+        allocated = {}
+        for i in range(1, 21):
+            x, ref = case["xs"][i % 2], case["refs"][i % 2]
+            with torch.no_grad():
+                out = out_of(sm(x))
+            assert torch.equal(out, ref), f"call {i}"
+            del out
+            if i in (5, 20):
+                gc.collect()
+                torch.cuda.synchronize()
+                allocated[i] = torch.cuda.memory_allocated()
+        assert allocated[20] == allocated[5], f"allocated grew by {fmt_bytes(allocated[20] - allocated[5])}"
+        assert len(sm._plans) == 1
+    finally:
+        sm.close()
+        settle()
+
+
+def test_cuda_other_shape_is_planned_again(case):
+    model = build(case["kind"])
+    short = inputs(1, seq=9, batch=1)[0]
+    model.cuda()
+    with torch.no_grad():
+        ref_short = out_of(model(short)).clone()
+    model.cpu()
+    settle()
+    sm = flashmem.stream(model, int(0.6 * case["nbytes"]), device="cuda", example_inputs=(case["xs"][0],))
+    try:
+        with torch.no_grad():
+            assert torch.equal(out_of(sm(short)), ref_short)
+            assert len(sm._plans) == 2
+            assert torch.equal(out_of(sm(case["xs"][1])), case["refs"][1])
+            assert torch.equal(out_of(sm(short)), ref_short)
+        assert len(sm._plans) == 2 and sm.plan.total_bytes <= sm.budget_bytes
+    finally:
+        sm.close()
+        settle()
+
+
+def test_cuda_from_pretrained(tmp_path):
+    """A folder read once into pinned host memory, streamed into the GPU below the model's size, exact
+    against the same folder loaded by transformers with every weight on the GPU."""
+    from transformers import LlamaForCausalLM
+
+    save_folder(build("llama"), tmp_path)
+    xs = inputs()
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).cuda().eval()
+    with torch.no_grad():
+        refs = [out_of(model(x)).clone() for x in xs]
+    nbytes = model_bytes(model)
+    del model
+    settle()
+    budget = int(0.45 * nbytes)
+    sm = flashmem.from_pretrained(tmp_path, budget, device="cuda", example_inputs=(xs[0],))
+    try:
+        assert sm.plan.loads and sm.plan.total_bytes <= budget
+        for x, ref in zip(xs, refs):
+            with torch.no_grad():
+                assert torch.equal(out_of(sm(x)), ref)
+    finally:
+        sm.close()
+        settle()

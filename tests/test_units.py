@@ -1,0 +1,186 @@
+"""Units and small pieces: budget parsing and printing, the error classes, input signatures, weight
+collection (tied weights, nested containers) and safetensors headers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import flashmem
+from flashmem.errors import (BadBudget, BadModelFolder, BudgetTooSmall, DeviceUnavailable, FlashmemError, PlanInvalid,
+                             TraceMismatch)
+from flashmem.files import read_header
+from flashmem.trace import collect_weights, input_signature
+from flashmem.units import align_up, fmt_bytes, parse_bytes
+
+from conftest import Nested, make_input, make_model, resident
+
+
+# -- parse_bytes ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("512MiB", 512 * 2**20),
+    ("1.5GiB", 3 * 2**29),
+    ("2GB", 2 * 10**9),
+    ("2gb", 2 * 10**9),
+    ("1KB", 1000),
+    ("1 KiB", 1024),
+    ("3k", 3 * 1024),
+    ("4M", 4 * 2**20),
+    ("1TB", 10**12),
+    ("2TiB", 2 * 2**40),
+    ("100", 100),
+    ("100B", 100),
+    ("  7 MiB  ", 7 * 2**20),
+    ("1e3", 1000),
+    (".5KiB", 512),
+    (4096, 4096),
+    (2500.0, 2500),
+    (1, 1),
+])
+def test_parse_bytes_units(text, expected):
+    assert parse_bytes(text) == expected
+    assert isinstance(parse_bytes(text), int)
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "12 parsecs", "5 MiBs", "MiB", "1.2.3GB", "-5", "-1GiB", "0",
+                                 "0MiB", 0, -1, 0.4, True, False, None, [1024], {"a": 1}])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(BadBudget) as info:
+        parse_bytes(bad)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FlashmemError)
+    assert str(info.value)
+
+
+def test_bad_budget_messages_say_what_to_write():
+    with pytest.raises(BadBudget, match=r"does not parse.*512MiB.*1\.5GiB.*2GB"):
+        parse_bytes("twelve")
+    with pytest.raises(BadBudget, match="must be positive"):
+        parse_bytes("0GiB")
+    with pytest.raises(BadBudget, match="byte count or a string"):
+        parse_bytes(None)
+
+
+def test_bad_budget_from_stream_leaves_the_model_alone():
+    model = make_model("mlp")
+    x = make_input("mlp")
+    ref = resident(model, x)
+    for bad in ("lots", "-1MiB", 0):
+        with pytest.raises(BadBudget):
+            flashmem.stream(model, bad, example_inputs=(x,))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert torch.equal(resident(model, x), ref)
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B"), (17, "17 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (3 * 1024, "3.00 KiB"),
+    (512 * 2**20, "512.00 MiB"), (int(1.21 * 2**30), "1.21 GiB"), (5 * 2**30, "5.00 GiB"),
+])
+def test_fmt_bytes(n, text):
+    assert fmt_bytes(n) == text
+
+
+def test_align_up():
+    assert [align_up(n, 64) for n in (0, 1, 63, 64, 65, 128)] == [0, 64, 64, 64, 128, 128]
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+def test_error_hierarchy_is_exported():
+    for cls in (BadBudget, BadModelFolder, BudgetTooSmall, DeviceUnavailable, PlanInvalid, TraceMismatch):
+        assert issubclass(cls, FlashmemError)
+        assert getattr(flashmem, cls.__name__) is cls
+    err = BudgetTooSmall("msg", op="layer", need_bytes=10, budget_bytes=5)
+    assert (err.op, err.need_bytes, err.budget_bytes, str(err)) == ("layer", 10, 5, "msg")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
+def test_cuda_without_a_gpu_is_device_unavailable():
+    model = make_model("mlp")
+    with pytest.raises(DeviceUnavailable, match="cpu"):
+        flashmem.stream(model, "1MiB", device="cuda", example_inputs=(make_input("mlp"),))
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(FlashmemError, match="not supported"):
+        flashmem.stream(make_model("mlp"), "1MiB", device="mps", example_inputs=(make_input("mlp"),))
+
+
+def test_stream_needs_an_example_input():
+    with pytest.raises(FlashmemError, match="example_inputs"):
+        flashmem.stream(make_model("mlp"), "1MiB")
+
+
+def test_stream_refuses_a_model_without_parameters():
+    with pytest.raises(FlashmemError, match="no parameters"):
+        flashmem.stream(nn.ReLU(), "1MiB", example_inputs=(torch.ones(2),))
+
+
+# -- trace pieces -----------------------------------------------------------------------------------------
+def test_input_signature_keys_shapes_and_dtypes():
+    a = torch.zeros(2, 3, dtype=torch.long)
+    assert input_signature((a,), {}) == input_signature((torch.ones(2, 3, dtype=torch.long),), {})
+    assert input_signature((a,), {}) != input_signature((torch.zeros(2, 4, dtype=torch.long),), {})
+    assert input_signature((a,), {}) != input_signature((a.int(),), {})
+    assert input_signature((a,), {}) != input_signature((), {"input_ids": a})
+    assert input_signature((a,), {"flag": True}) != input_signature((a,), {"flag": False})
+
+
+def test_collect_weights_ties_and_nesting():
+    model = Nested()
+    mw, tensors = collect_weights(model, alignment=64)
+    names = [w.name for w in mw.weights]
+    assert len(names) == len(set(names)) == len(tensors)
+    # tied parameters appear once, with one slot per module holding them
+    shared = next(w for w in mw.weights if w.name == "shared.weight")
+    assert set(shared.slots) == {("shared", "weight"), ("tied", "weight")}
+    assert "tied.weight" not in names
+    assert len(mw.weights) == len({id(p) for p in model.parameters()})
+    for w, t in zip(mw.weights, tensors):
+        assert w.nbytes == t.numel() * t.element_size() and w.shape == tuple(t.shape)
+    # a container with its own weight: the most bytes needed at once are a Block's own scale plus its
+    # biggest child's weight and bias (each rounded to the alignment)
+    assert mw.max_working_bytes == align_up(32 * 4, 64) + align_up(64 * 32 * 4, 64) + align_up(64 * 4, 64)
+    assert mw.max_working_module.startswith("blocks.")
+    assert set(mw.owned) >= {"inp", "shared", "tied", "out", "blocks.0", "blocks.0.lin1"}
+
+
+def test_buffers_are_weights():
+    model = make_model("cnn")
+    mw, _ = collect_weights(model, alignment=64)
+    buffers = {w.name for w in mw.weights if w.is_buffer}
+    assert {"bn1.running_mean", "bn1.running_var", "bn2.running_mean"} <= buffers
+    assert "bn1.weight" not in buffers
+
+
+# -- safetensors headers ----------------------------------------------------------------------------------
+def test_read_header_locates_every_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, 4, dtype=torch.float16),
+               "c": torch.zeros(5, dtype=torch.int64)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    header = read_header(path)
+    assert set(header) == set(tensors)
+    raw = path.read_bytes()
+    for name, t in tensors.items():
+        loc = header[name]
+        assert (loc.dtype, loc.shape, loc.nbytes) == (t.dtype, tuple(t.shape), t.numel() * t.element_size())
+        got = torch.frombuffer(bytearray(raw[loc.offset_bytes:loc.offset_bytes + loc.nbytes]), dtype=t.dtype)
+        assert torch.equal(got.view(t.shape), t)
+
+
+def test_read_header_rejects_truncated_and_garbage(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.arange(1000, dtype=torch.float32)}, str(path))
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(BadModelFolder, match="truncated"):
+        read_header(tmp_path / "cut.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(BadModelFolder, match="too short"):
+        read_header(tmp_path / "tiny.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json at all!!!}" + b"\0" * 8)
+    with pytest.raises(BadModelFolder, match="not valid JSON"):
+        read_header(tmp_path / "junk.safetensors")
