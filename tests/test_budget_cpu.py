@@ -138,10 +138,6 @@ print(json.dumps(dict(base=base, setup_peak=setup_peak, peaks=peaks, exact=exact
 
 
 @needs_rss
-@pytest.mark.xfail(strict=True, reason="engine bug: the first trace loads weights into a separate scratch "
-                   "buffer (max_working_bytes, 16 MiB here) before the arena is allocated; once the process "
-                   "has freed large tensors before, the freed scratch stays in the heap, so the RSS peak is "
-                   "the budget plus the scratch")
 def test_peak_rss_of_a_whole_run_stays_within_budget(big_gpt2):
     """From before from_pretrained to the end of three calls, in a fresh process: the model (4x the
     budget) never sits in RAM, and nothing beside the arena and the activations takes weight-sized memory."""
@@ -234,9 +230,6 @@ def test_budget_too_small_from_a_folder_reads_no_weights(llama_folder, monkeypat
     assert reads == []
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a BudgetTooSmall raised by the planner (after the trace) "
-                   "leaves the caller's model with its parameters on the meta device, so it can neither run "
-                   "nor be streamed again with a larger budget")
 def test_budget_too_small_from_the_planner_leaves_the_model_usable():
     """Between the largest op's size and what placing the ring needs, the error comes from the planner,
     after the trace: the model must still be the caller's, intact."""

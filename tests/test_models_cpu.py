@@ -408,10 +408,6 @@ class Gated(torch.nn.Module):
         return self.c(x)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: refusing a call from a second thread runs the refused "
-                   "call's always_call forward hook (_call_end), which ends the FIRST thread's call (active "
-                   "flag cleared, executor aborted); the first call then fails with 'a submodule of a "
-                   "streamed model was called on its own'")
 def test_overlapping_call_from_another_thread_is_refused_without_harm(streams):
     import threading
 

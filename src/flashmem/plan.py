@@ -221,6 +221,21 @@ def _circular_fit(ring: _Ring, cursor: int, size: int, free_at: int) -> int | No
             return None
 
 
+def _smallest_ring(program: Program, runs: list[UseRun], low: int, alignment: int) -> int:
+    """The smallest ring (to the alignment) through which every run can stream, by bisection."""
+    high = max(low, sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs))
+    low = align_up(low, alignment)
+    while low < high:
+        mid = align_up((low + high) // 2, alignment)
+        if mid >= high:
+            break
+        if place_ring(program, runs, 0, mid, alignment) is not None:
+            high = mid
+        else:
+            low = mid + alignment
+    return high
+
+
 def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: int,
                 activation_bytes: int, granularity: int = 1) -> "Plan":
     """Keep what fits resident (in order of first use), stream the rest through a ring, each load
@@ -262,12 +277,12 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
             break
         if not order:
             op = program.ops[need_step]
+            total_need = _smallest_ring(program, runs, need, alignment) + fixed
             raise BudgetTooSmall(
                 f"the weights of op {op.index} ({op.module!r}) and its neighbours cannot be placed in "
                 f"{fmt_bytes(avail)} of arena ({fmt_bytes(budget_bytes)} budget less "
                 f"{fmt_bytes(fixed)} for activations and buffers); raise the budget to at least "
-                f"{fmt_bytes(budget_bytes + need)}", op=op.module, need_bytes=budget_bytes + need,
-                budget_bytes=budget_bytes)
+                f"{fmt_bytes(total_need)}", op=op.module, need_bytes=total_need, budget_bytes=budget_bytes)
         order = order[:-1]
     residents, offset = [], 0
     for w in order:

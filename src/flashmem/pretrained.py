@@ -103,4 +103,4 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
         return FileStore.spill(found, [w.name for w in mw.weights])
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
-                 cache_dir=cache_dir)
+                 cache_dir=cache_dir, eager_store=True)

@@ -24,7 +24,7 @@ from .plan import Plan, simple_plan
 from .run import CallStats, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover
 from .run_cuda import CudaMover
-from .store import FileStore, HostStore
+from .store import FileStore, HostStore, as_bytes
 from .trace import (ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature, module_names,
                     placeholder)
 from .units import align_up, fmt_bytes, parse_bytes
@@ -45,18 +45,23 @@ def activation_reserve(measured_bytes: int) -> int:
 class StreamedModel:
     """A model whose weights stream into a fixed device arena during each call, within a budget."""
 
-    def __init__(self, model: nn.Module, mw: ModelWeights, store, device: torch.device, budget_bytes: int,
-                 buffer_bytes: int):
+    def __init__(self, model: nn.Module, mw: ModelWeights, make_store, originals: list[torch.Tensor],
+                 device: torch.device, budget_bytes: int, buffer_bytes: int):
         self.model = model
         self.device = device
         self.budget_bytes = budget_bytes
         self._mw = mw
-        self._store = store
+        # The store is made once the first plan is known good; until then the trace reads the model's own
+        # tensors, so a budget the planner rejects leaves the model as it was.
+        self._store = None
+        self._make_store = make_store
+        self._originals = originals
         self._buffer_bytes = buffer_bytes
         self._alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
         self._placeholders = {w.index: placeholder(w) for w in mw.weights}
         self._plans: OrderedDict[str, tuple[Program, Plan]] = OrderedDict()
         self._arena: torch.Tensor | None = None
+        self._arena_residents: tuple | None = None  # the residents the arena holds now
         self._resident_views: dict[int, torch.Tensor] = {}
         self._executor: Executor | None = None
         self._signature: str | None = None
@@ -85,16 +90,27 @@ class StreamedModel:
             self._hooks.append(module.register_forward_hook(self._op_exit, always_call=True))
         self._hooks.append(self.model.register_forward_hook(self._call_end, always_call=True))
 
+    def _read(self, weight: int, dst: torch.Tensor) -> None:
+        if self._store is not None:
+            self._store.read_into(weight, dst)
+        else:
+            dst.copy_(as_bytes(self._originals[weight].detach().contiguous()))
+
     def _start_trace(self, signature: str) -> None:
-        """Make this call a traced one: weights load on demand, into a fresh scratch buffer the first
-        time, into the arena's ring afterwards (resident weights stay where they are)."""
+        """Make this call a traced one: weights load on demand, into a scratch buffer the first time (on
+        the CPU the arena itself, at the budget's size, so RAM never holds both), into the arena's ring
+        afterwards (resident weights stay where they are)."""
         if self._arena is None:
-            scratch = torch.zeros(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
+            if self.device.type == "cpu":
+                self._arena = torch.zeros(self.budget_bytes // self._alignment * self._alignment, dtype=torch.uint8)
+                scratch = self._arena
+            else:
+                scratch = torch.zeros(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
             resident: dict[int, torch.Tensor] = {}
         else:
-            scratch = self._arena[self.plan.resident_bytes:]
+            scratch = self._arena[self.plan.resident_bytes:] if self._arena_residents is not None else self._arena
             resident = self._resident_views
-        loader = ScratchLoader(self.model, self._mw, self._store.read_into, scratch, self._alignment, resident)
+        loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, resident)
         self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature)
         self._tracer.start()
 
@@ -127,19 +143,27 @@ class StreamedModel:
             if close:
                 close()
             self._executor = None
-        same_residents = (self._arena is not None and self._arena.numel() == plan.arena_bytes
-                          and self.plan.residents == plan.residents)
+        if self._store is None:
+            self._store = self._make_store()
+            self._make_store, self._originals = None, None
+        arena_fits = self._arena is not None and self._arena.numel() == plan.arena_bytes
+        same_residents = arena_fits and self._arena_residents == plan.residents
         if not same_residents:
             self._set_all(lambda w: self._placeholders[w])
             self._resident_views = {}
-            self._arena = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-                self._arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
-            else:
-                self._arena = torch.zeros(plan.arena_bytes, dtype=torch.uint8)  # touched: RSS shows it
+            if not arena_fits:
+                if self.device.type == "cpu" and self._arena is not None and self._arena.numel() > plan.arena_bytes:
+                    self._arena = self._arena[:plan.arena_bytes]  # no second allocation
+                elif self.device.type == "cuda":
+                    self._arena = None
+                    torch.cuda.empty_cache()
+                    self._arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+                else:
+                    self._arena = None
+                    self._arena = torch.zeros(plan.arena_bytes, dtype=torch.uint8)  # touched: RSS shows it
             for r in plan.residents:
                 self._store.read_into(r.weight, self._arena[r.offset_bytes:r.offset_bytes + r.nbytes])
+            self._arena_residents = plan.residents
         load_views, resident_views = arena_views(self._arena, program, plan)
         if not same_residents:
             self._resident_views = resident_views
@@ -192,8 +216,8 @@ class StreamedModel:
         return args, kwargs
 
     def _call_end(self, module, args, result):
-        if not self._active:
-            return None
+        if not self._active or self._active_thread != threading.get_ident():
+            return None  # not our call: e.g. the end of a call refused because another thread runs one
         self._active = False
         failed = result is None and sys.exc_info()[1] is not None
         if self._tracer is not None:
@@ -213,7 +237,7 @@ class StreamedModel:
         return None
 
     def _op_exit(self, module, args, result):
-        if not self._active:
+        if not self._active or self._active_thread != threading.get_ident():
             return None
         if self._tracer is not None:
             if self._tracer.stack:
@@ -287,7 +311,8 @@ class StreamedModel:
                 close()
             self._executor = None
         self._arena = None
-        self._store.close()
+        if self._store is not None:
+            self._store.close()
 
     def __repr__(self) -> str:
         return f"StreamedModel({type(self.model).__name__}, budget={fmt_bytes(self.budget_bytes)}, device={self.device})"
@@ -311,8 +336,10 @@ def default_cache_dir() -> Path:
 
 
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
-          planner: str = "simple", cache_dir: str | Path | None = None) -> StreamedModel:
-    """Shared by `stream` and `from_pretrained`: `source(mw, tensors)` makes the weight store."""
+          planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False) -> StreamedModel:
+    """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device)` makes the weight store, once
+    the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
+    built on the meta device has no tensors to read)."""
     device = check_device(device)
     budget_bytes = parse_bytes(budget)
     if planner not in PLANNERS:
@@ -324,9 +351,10 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
         raise FlashmemError(f"{type(model).__name__} has no parameters; there is nothing to stream")
     buffer_bytes = 0  # buffers stream like parameters
     _static_check(mw, budget_bytes, buffer_bytes)
-    store = source(mw, tensors, device)
-    del tensors
-    streamed = StreamedModel(model, mw, store, device, budget_bytes, buffer_bytes)
+    streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device), tensors, device, budget_bytes,
+                             buffer_bytes)
+    if eager_store:
+        streamed._store, streamed._make_store, streamed._originals = source(mw, tensors, device), None, None
     args = tuple(example_inputs) if example_inputs is not None else ()
     kwargs = dict(example_kwargs or {})
     if not args and not kwargs:
@@ -336,7 +364,10 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     try:
         streamed(*args, **kwargs)  # the first call traces and plans
     except BaseException:
+        originals = streamed._originals
         streamed.close()
+        if originals is not None:  # no store was made: give the model its own tensors back
+            streamed._set_all(lambda w: originals[w])
         raise
     if planner == "solver" and streamed.plan.loads:
         streamed.use_solver(args, kwargs, cache_dir=cache_dir or default_cache_dir())
