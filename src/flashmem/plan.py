@@ -277,7 +277,7 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
             break
         if not order:
             op = program.ops[need_step]
-            total_need = _smallest_ring(program, runs, need, alignment) + fixed
+            total_need = align_up(_smallest_ring(program, runs, need, alignment), granularity) + fixed
             raise BudgetTooSmall(
                 f"the weights of op {op.index} ({op.module!r}) and its neighbours cannot be placed in "
                 f"{fmt_bytes(avail)} of arena ({fmt_bytes(budget_bytes)} budget less "
