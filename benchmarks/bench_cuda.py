@@ -22,7 +22,6 @@ run's (torch.equal, max |diff|). Rows go to $OUT/bench_cuda.json when $OUT is se
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -232,15 +231,18 @@ def child_measure(args) -> dict:
                 kw["offload_type"] = "leaf_level"
             else:
                 kw.update(offload_type="block_level", num_blocks_per_group=1)
-                # GPTNeoForCausalLM's children are `transformer` and `lm_head`, neither a ModuleList: plain
-                # block level would make the whole model one group. Naming `transformer` as a block module
-                # makes each of transformer.h[i] a group (what the diffusers docs intend for such models).
-                if "block_modules" in inspect.signature(apply_group_offloading).parameters:
-                    kw["block_modules"] = ["transformer"]
-                else:
-                    row["warning"] = "this diffusers has no block_modules: the whole model is one group"
             row["config"] = "apply_group_offloading(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")"
-            apply_group_offloading(model, **kw)
+            if args.mode == "diffusers_leaf":
+                apply_group_offloading(model, **kw)
+            else:
+                # GPTNeoForCausalLM's children are `transformer` and `lm_head`, neither a ModuleList, so block
+                # level on the whole model would make it one group (and block_modules=["transformer"] registers
+                # diffusers' execution tracker twice). Block level on the transformer groups each of
+                # transformer.h[i] (embeddings and final norm form one more group); the LM head, a single
+                # Linear, is offloaded at leaf level.
+                apply_group_offloading(model.transformer, **kw)
+                apply_group_offloading(model.lm_head, **dict(kw, offload_type="leaf_level"))
+                row["config"] += " on model.transformer; leaf level on model.lm_head"
             call = lambda: model(ids, use_cache=False).logits  # noqa: E731
         else:
             raise ValueError(args.mode)
@@ -259,6 +261,7 @@ def child_measure(args) -> dict:
         n_total = 1 + args.warmup + args.iters
         out_first = out = None
         for i in range(n_total):
+            out = None  # the caller holds no earlier output while a call runs
             if streamed_at_start is not None:
                 streamed_seen.add(streamed_at_start())
             if cuda:

@@ -180,9 +180,10 @@ class ScratchLoader:
         self.top = self.saved_tops.pop()
 
     def _check_unchanged(self, mod_name: str, attr: str, w: int, t: torch.Tensor) -> None:
-        stored = torch.empty(self.mw.weights[w].nbytes, dtype=torch.uint8, device=t.device)
+        # Compared on the host: a device buffer here would count as activations in the trace.
+        stored = torch.empty(self.mw.weights[w].nbytes, dtype=torch.uint8)
         self.read_into(w, stored)
-        if not torch.equal(stored, t.reshape(-1).view(torch.uint8)):
+        if not torch.equal(stored, t.detach().reshape(-1).view(torch.uint8).cpu()):
             raise FlashmemError(f"the forward wrote to buffer {mod_name}.{attr}; flashmem streams buffers "
                                 f"read-only, so the write would be lost. Put the model in eval mode, or keep "
                                 f"state such as caches out of module buffers")
