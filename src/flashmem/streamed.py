@@ -36,10 +36,11 @@ MAX_PLANS = 8
 
 
 def activation_reserve(measured_bytes: int) -> int:
-    """Device bytes kept for activations: the traced peak of reserved memory, plus one allocator block."""
+    """Device bytes kept for activations: the traced peak (of allocated memory, or of the reserved memory
+    the caching allocator needed for it from an empty cache, whichever is larger), to its 2 MiB blocks."""
     if measured_bytes <= 0:
         return 0
-    return align_up(measured_bytes, CUDA_GRANULARITY) + CUDA_GRANULARITY
+    return align_up(measured_bytes, CUDA_GRANULARITY)
 
 
 class StreamedModel:
