@@ -27,12 +27,15 @@ def program_fingerprint(program: Program) -> str:
         h.update(f"{w.name}|{w.shape}|{w.dtype}|{w.nbytes}|{w.slots}|{w.is_buffer};".encode())
     for op in program.ops:
         h.update(f"{op.module}|{op.weights}|{op.end_index};".encode())
-    h.update(f"{program.activation_bytes}|{program.buffer_bytes}".encode())
+    h.update(f"{program.buffer_bytes}".encode())
     return h.hexdigest()
 
 
-def cache_key(program: Program, budget_bytes: int, device: str, planner: str) -> str:
-    text = f"{program_fingerprint(program)}|{program.signature}|{budget_bytes}|{device}|{planner}|{PLAN_FORMAT}"
+def cache_key(program: Program, budget_bytes: int, device: str, planner: str, activation_bytes: int) -> str:
+    """The key of a plan: the program, its input signature, the budget, the device, the planner and the
+    activation reserve the plan keeps (measured; a plan for another reserve is another plan)."""
+    text = (f"{program_fingerprint(program)}|{program.signature}|{budget_bytes}|{device}|{planner}|"
+            f"{activation_bytes}|{PLAN_FORMAT}")
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -35,7 +35,8 @@ def cmd_run(args) -> int:
     console = Console()
     tok, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
     t0 = time.perf_counter()
-    sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,))
+    sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,),
+                         planner=args.planner, cache_dir=args.cache_dir)
     console.print(f"[bold]{sm.plan.summary(sm.program)}[/] (traced and planned in {time.perf_counter() - t0:.2f} s)")
     with torch.no_grad():
         if tok is not None and args.new_tokens > 0:
@@ -53,16 +54,29 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    """Make (or reuse from the cache) a plan; print it, or write it as JSON or as a picture (.png)."""
     from . import from_pretrained
 
     _, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
-    sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,))
-    text = sm.plan.to_json(sm.program)
-    if args.out:
-        Path(args.out).write_text(text)
+    sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,),
+                         planner=args.planner, cache_dir=args.cache_dir)
+    if args.out and args.out.endswith(".png"):
+        import torch
+
+        from .costs import measure_timeline, profile, simulate
+        from .report import plot_plan
+
+        with torch.no_grad():
+            costs = sm.costs or profile(sm, (ids,), {})
+            measured = measure_timeline(sm, (ids,), {})
+        plot_plan(sm.plan, sm.program, simulate(sm.plan, costs), args.out, measured=measured)
+        print(f"{sm.plan.summary(sm.program)}\npredicted {simulate(sm.plan, costs).total_s * 1e3:.2f} ms, "
+              f"measured {measured.total_s * 1e3:.2f} ms; wrote {args.out}")
+    elif args.out:
+        Path(args.out).write_text(sm.plan.to_json(sm.program))
         print(f"{sm.plan.summary(sm.program)}\nwrote {args.out}")
     else:
-        print(text)
+        print(sm.plan.to_json(sm.program))
     return 0
 
 
@@ -84,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         sp.add_argument("--prompt", help="text to feed (needs the folder's tokenizer)")
         sp.add_argument("--tokens", type=int, default=8, help="without --prompt: trace with this many token ids")
+        sp.add_argument("--planner", choices=("simple", "solver"), default="simple",
+                        help="simple: keep what fits resident, prefetch the rest; solver: profile, then CP-SAT")
+        sp.add_argument("--cache-dir", help="plan cache folder for --planner solver (default ~/.cache/flashmem/plans)")
 
     run = sub.add_parser("run", help="run a model folder under a budget")
     model_args(run)
@@ -91,7 +108,9 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     plan = sub.add_parser("plan", help="print or save the plan for a model folder and budget")
     model_args(plan)
-    plan.add_argument("--out", help="write the plan's JSON here instead of printing it")
+    plan.add_argument("--out", help="write the plan here instead of printing it: JSON, or a timeline picture "
+                                    "(predicted and measured compute and copy lanes, memory against the "
+                                    "budget) if the name ends in .png")
     plan.set_defaults(func=cmd_plan)
     demo = sub.add_parser("demo", help="SmolLM2-135M-Instruct answers a prompt at a quarter of its bytes")
     demo.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")

@@ -188,6 +188,19 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     return CostModel(str(sm.device), program.signature, measure_link(sm.device), steps)
 
 
+def measure_timeline(sm, args: tuple, kwargs: dict) -> "Timeline":
+    """Run one call of `sm` with every op and load timed, as it normally runs (loads beside compute)."""
+    executor = sm._executor
+    executor.profiling = True
+    executor.mover.record_loads = True
+    try:
+        sm(*args, **kwargs)
+        return executor.mover.timeline()
+    finally:
+        executor.profiling = False
+        executor.mover.record_loads = False
+
+
 @dataclass(frozen=True)
 class Timeline:
     """What a plan does over one call, as predicted (or measured): seconds from the call's start."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .costs import Timeline
-from .plan import Plan
+from .plan import Plan, previous_holders
 from .trace import Program
 from .units import fmt_bytes
 
@@ -14,11 +14,16 @@ def memory_curve(plan: Plan, timeline: Timeline) -> tuple[list[float], list[int]
     """(times, bytes held) as a step function: residents and activations always, each load's bytes
     from the start of its issuing step to the end of its last use."""
     base = plan.resident_bytes + plan.activation_bytes + plan.buffer_bytes
+    holder = previous_holders(plan.loads, plan.alignment)
+    held_to = [timeline.step_end_s[load.last_use] for load in plan.loads]
+    for j, k in enumerate(holder):  # a load's bytes are free once the next load into them has begun
+        if k is not None:
+            held_to[k] = min(held_to[k], timeline.load_start_s[j])
     events: list[tuple[float, int]] = []
     for j, load in enumerate(plan.loads):
         held_from = 0.0 if load.start_step == 0 else min(timeline.step_start_s[load.start_step], timeline.load_start_s[j])
         events.append((held_from, load.nbytes))
-        events.append((timeline.step_end_s[load.last_use], -load.nbytes))
+        events.append((max(held_to[j], held_from), -load.nbytes))
     events.sort(key=lambda e: (e[0], e[1]))
     times, held, level = [0.0], [base], base
     for t, delta in events:

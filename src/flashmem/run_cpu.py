@@ -61,7 +61,9 @@ class CpuMover:
         self.closed = False
         self._stats: CallStats | None = None
         self.serial = False  # profiling: reads happen in the compute thread between ops, never beside them
+        self.record_loads = False  # the IO thread always times its reads
         self.pending: list[int] = []
+        self.load_times: list[tuple[float, float]] = [(0.0, 0.0)] * len(plan.loads)
         self.thread = threading.Thread(target=self._io_loop, name="flashmem-io", daemon=True)
         if plan.loads:
             self.thread.start()
@@ -98,7 +100,9 @@ class CpuMover:
                 if self.abort:
                     return
             view = memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes])
+            began = time.perf_counter()
             self.store.read_into_view(load.weight, view)
+            self.load_times[j] = (began, time.perf_counter())
             with self.cond:
                 self.loaded = j + 1
                 self.cond.notify_all()
@@ -175,6 +179,15 @@ class CpuMover:
 
     def stats(self) -> CallStats | None:
         return self._stats
+
+    def timeline(self):
+        """The last call as it ran (a call made with every op timed): a costs.Timeline."""
+        from .costs import Timeline
+
+        t0, steps = self.wall_start, self.step_seconds()
+        starts = [m[2] - t0 for m in self.marks]
+        return Timeline(tuple(starts), tuple(s + d for s, d in zip(starts, steps)),
+                        tuple(a - t0 for a, _ in self.load_times), tuple(b - t0 for _, b in self.load_times))
 
     def step_seconds(self) -> list[float]:
         """Compute time of each step of the last call (see CudaMover.step_seconds)."""

@@ -41,6 +41,8 @@ class CudaMover:
         self._stats: CallStats | None = None
         self._pending = None
         self.serial = False  # profiling: copies only between ops, never beside compute
+        self.record_loads = False  # time each copy too (for the measured timeline)
+        self.load_marks: list[tuple[tuple[int, ...], torch.cuda.Event, torch.cuda.Event]] = []
         self.copy_tail = torch.cuda.Event()
 
     def _copy_groups(self, store: HostStore) -> dict[int, list[tuple]]:
@@ -73,6 +75,7 @@ class CudaMover:
         self.compute = stream
         self._stats = None
         self.marked = []
+        self.load_marks = []
         self.streamed = 0
         self.copy_tail.record(self.copy_stream)
         self.alloc_start = torch.cuda.memory_allocated(self.device)
@@ -92,7 +95,13 @@ class CudaMover:
             for dst, src, waits, done in self.groups[step]:
                 for k in waits:
                     self.copy_stream.wait_event(self.freed[k])
+                if self.record_loads:
+                    mark = (done, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    mark[1].record(self.copy_stream)
                 dst.copy_(src, non_blocking=True)
+                if self.record_loads:
+                    mark[2].record(self.copy_stream)
+                    self.load_marks.append(mark)
                 for j in done:
                     self.done[j].record(self.copy_stream)
                 self.streamed += dst.numel()
@@ -139,6 +148,20 @@ class CudaMover:
             self._stats = CallStats(peak_bytes=self._pending[0], streamed_bytes=self._pending[1],
                                     wall_s=wall, stall_s=stall)
         return self._stats
+
+    def timeline(self):
+        """The last call as it ran (a call made with every op and copy timed): a costs.Timeline."""
+        from .costs import Timeline
+
+        steps = self.step_seconds()
+        t0 = self.t_begin
+        starts = [t0.elapsed_time(self.marks[i][1]) / 1e3 for i in range(self.plan.n_ops)]
+        load_start, load_end = [0.0] * len(self.plan.loads), [0.0] * len(self.plan.loads)
+        for done, a, b in self.load_marks:
+            for j in done:
+                load_start[j], load_end[j] = t0.elapsed_time(a) / 1e3, t0.elapsed_time(b) / 1e3
+        return Timeline(tuple(starts), tuple(s + d for s, d in zip(starts, steps)), tuple(load_start),
+                        tuple(load_end))
 
     def step_seconds(self) -> list[float]:
         """Compute time of each step of the last call (op i's entry, after its waits, to op i + 1's

@@ -260,7 +260,7 @@ class StreamedModel:
         self(*args, **kwargs)  # plans this input's signature with the simple planner if needed
         program, simple = self._current
         cache = PlanCache(cache_dir) if cache_dir is not None else None
-        key = cache_key(program, self.budget_bytes, simple.device, "solver")
+        key = cache_key(program, self.budget_bytes, simple.device, "solver", simple.activation_bytes)
         cached = cache.load(key, program) if cache else None
         if cached is not None:
             plan, self.costs = cached
