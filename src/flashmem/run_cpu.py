@@ -17,7 +17,8 @@ from .run import CallStats
 from .store import FileStore
 
 
-def _status_kib(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status ("VmRSS:", "VmHWM:", "RssAnon:", ...) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field):
@@ -36,11 +37,11 @@ def reset_peak_rss() -> bool:
 
 
 def rss_bytes() -> int:
-    return _status_kib("VmRSS:")
+    return status_bytes("VmRSS:")
 
 
 def peak_rss_bytes() -> int:
-    return _status_kib("VmHWM:")
+    return status_bytes("VmHWM:")
 
 
 class CpuMover:
