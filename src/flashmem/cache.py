@@ -75,6 +75,8 @@ class PlanCache:
         reason = None
         try:
             doc = json.loads(path.read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("plan"), dict):
+                raise TypeError("the entry or its plan is not a JSON object")
             body = {k: v for k, v in doc.items() if k != "digest"}
             if doc.get("format") != PLAN_FORMAT:
                 reason = f"plan format {doc.get('format')!r}, this flashmem reads {PLAN_FORMAT}"

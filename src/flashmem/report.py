@@ -5,20 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from .costs import Timeline
-from .plan import Plan, previous_holders
+from .plan import Plan
 from .trace import Program
-from .units import fmt_bytes
+from .units import align_up, fmt_bytes
 
 
 def memory_curve(plan: Plan, timeline: Timeline) -> tuple[list[float], list[int]]:
     """(times, bytes held) as a step function: residents and activations always, each load's bytes
     from the start of its issuing step to the end of its last use."""
     base = plan.resident_bytes + plan.activation_bytes + plan.buffer_bytes
-    holder = previous_holders(plan.loads, plan.alignment)
     held_to = [timeline.step_end_s[load.last_use] for load in plan.loads]
-    for j, k in enumerate(holder):  # a load's bytes are free once the next load into them has begun
-        if k is not None:
-            held_to[k] = min(held_to[k], timeline.load_start_s[j])
+    for j, load in enumerate(plan.loads):  # a load's bytes are free once a later load into them has begun
+        begin, end = load.offset_bytes, load.offset_bytes + align_up(load.nbytes, plan.alignment)
+        for k in range(j):
+            other = plan.loads[k]
+            if other.offset_bytes < end and begin < other.offset_bytes + align_up(other.nbytes, plan.alignment):
+                held_to[k] = min(held_to[k], timeline.load_start_s[j])
     events: list[tuple[float, int]] = []
     for j, load in enumerate(plan.loads):
         held_from = 0.0 if load.start_step == 0 else min(timeline.step_start_s[load.start_step], timeline.load_start_s[j])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from ortools.sat.python import cp_model
 
 from .check import find_problems
+from .errors import FlashmemError
 from .costs import CostModel, simulate
 from .plan import Load, Plan, Resident, UseRun, place_ring, simple_plan, use_runs
 from .trace import Program
@@ -201,6 +202,10 @@ def _place(program: Program, runs: list[UseRun], d: _Decisions, arena_bytes: int
 def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device: str, alignment: int,
                activation_bytes: int, granularity: int = 1, settings: SolverSettings = SolverSettings()) -> Plan:
     """The solver's plan, or the best tier that places; never worse (predicted) than the simple plan."""
+    if settings.lookahead < 1 or settings.window_steps < 1 or settings.time_limit_s <= 0:
+        raise FlashmemError(f"solver settings out of range: lookahead {settings.lookahead} and window_steps "
+                            f"{settings.window_steps} must be at least 1 and time_limit_s "
+                            f"{settings.time_limit_s} positive")
     t0 = time.perf_counter()
     simple = simple_plan(program, budget_bytes=budget_bytes, device=device, alignment=alignment,
                          activation_bytes=activation_bytes, granularity=granularity)  # raises BudgetTooSmall
