@@ -1,0 +1,245 @@
+"""Costs: the link model's units, measuring the CPU link, slowdowns per op class, the timeline `simulate`
+predicts on hand-sized plans worked out by hand, the cost model's JSON, and `profile` on a small streamed
+model (one StepCost per op, and the model's outputs untouched by profiling)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+import flashmem
+
+from flashmem.check import find_problems
+from flashmem.costs import (BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit, measure_link, profile,
+                            simulate, slowdowns_by_class)
+from flashmem.plan import Load, Plan, Resident, simple_plan
+from flashmem.trace import Op, Program, Weight
+
+from conftest import make_input, make_model, model_bytes, resident
+
+ALIGN = 64
+MS = 1e-3
+
+
+@functools.lru_cache(maxsize=None)
+def streaming_budget(kind: str = "mlp") -> int:
+    """A budget under which flashmem streams some of the model's weights (whatever flashmem adds to the
+    weights' bytes): about 70% of the model's bytes, raised to what BudgetTooSmall asks for."""
+    x = make_input(kind)
+    budget = int(model_bytes(make_model(kind)) * 0.7)
+    for _ in range(6):
+        try:
+            sm = flashmem.stream(make_model(kind), budget, device="cpu", example_inputs=(x,))
+        except flashmem.BudgetTooSmall as err:
+            assert err.need_bytes > budget
+            budget = err.need_bytes
+            continue
+        try:
+            assert sm.plan.loads, f"nothing streams at {budget} B"
+            return budget
+        finally:
+            sm.close()
+    raise AssertionError(f"no budget accepted up to {budget} B")
+
+
+def program(sizes: list[int], ops: list[tuple[str, tuple[int, ...], int]]) -> Program:
+    """A Program from weight sizes (bytes, uint8 weights W0, W1, ...) and ops (module, weights, end_index)."""
+    slots: dict[int, list] = {i: [] for i in range(len(sizes))}
+    for module, ws, _ in ops:
+        for w in ws:
+            if (module, f"w{w}") not in slots[w]:
+                slots[w].append((module, f"w{w}"))
+    weights = tuple(Weight(i, f"W{i}", (n,), torch.uint8, n, tuple(slots[i])) for i, n in enumerate(sizes))
+    return Program(weights=weights, ops=tuple(Op(i, m, tuple(ws), end) for i, (m, ws, end) in enumerate(ops)),
+                   activation_bytes=0, buffer_bytes=0, signature="test")
+
+
+def costs_ms(compute_ms, slowdowns, *, bytes_per_ms: float, overhead_ms: float = 0.0) -> CostModel:
+    return CostModel("cpu", "test", LinkCost("synthetic", bytes_per_ms / MS, overhead_ms * MS),
+                     tuple(StepCost("Op", c * MS, s) for c, s in zip(compute_ms, slowdowns)))
+
+
+def in_ms(values) -> list[float]:
+    return [v / MS for v in values]
+
+
+# -- LinkCost --------------------------------------------------------------------------------------------------
+def test_link_seconds_is_overhead_plus_bytes_over_bandwidth():
+    link = LinkCost("test", bandwidth_bytes_per_s=2e9, overhead_s=1e-5)
+    assert link.seconds(0) == pytest.approx(1e-5)
+    assert link.seconds(4 * 10**9) == pytest.approx(1e-5 + 2.0)  # 4 GB at 2 GB/s
+    assert link.seconds(10**6, copies=3) == pytest.approx(3e-5 + 5e-4)  # overhead per copy, bytes once
+    assert LinkCost("x", 1e6, 0.0).seconds(250_000) == pytest.approx(0.25)
+
+
+def test_fit_recovers_overhead_and_bandwidth():
+    sizes = [64 * 2**10, 2**20, 8 * 2**20, 64 * 2**20]
+    link = _fit(sizes, [2e-5 + n / 5e9 for n in sizes], "test")
+    assert link.kind == "test"
+    assert link.bandwidth_bytes_per_s == pytest.approx(5e9, rel=1e-6)
+    assert link.overhead_s == pytest.approx(2e-5, rel=1e-6)
+    # a negative intercept (noise) is no negative overhead
+    assert _fit(sizes, [n / 1e9 - 1e-4 for n in sizes], "test").overhead_s == 0.0
+
+
+def test_measure_link_on_the_cpu():
+    link = measure_link(torch.device("cpu"), repeats=2)
+    assert "pread" in link.kind
+    assert link.bandwidth_bytes_per_s > 0 and link.overhead_s >= 0
+    assert link.seconds(2**20) > 0
+
+
+def test_background_transfer_on_the_cpu_starts_and_stops():
+    with BackgroundTransfer(torch.device("cpu"), nbytes=2**20) as bg:
+        assert bg.thread.is_alive()
+        folder = bg.tmp.name
+        assert os.path.getsize(bg.path) == 2**20
+    assert not bg.thread.is_alive()
+    assert not os.path.exists(folder)  # its file is gone
+
+
+# -- slowdowns ---------------------------------------------------------------------------------------------------
+def test_slowdowns_are_medians_per_class_floored_at_one():
+    classes = ["Linear", "Linear", "Linear", "ReLU", "Conv2d", "Conv2d", "Embedding"]
+    quiet = [1.0, 2.0, 1.0, 2.0, 1.0, 1.0, 0.0]
+    busy = [1.2, 3.0, 3.0, 1.0, 1.1, 1.3, 5.0]
+    # Linear: ratios 1.2, 1.5, 3.0 -> median 1.5; ReLU: 0.5 -> floored to 1.0; Conv2d: 1.1, 1.3 -> 1.2;
+    # Embedding: quiet 0 gives no ratio, so no entry.
+    slow = slowdowns_by_class(classes, quiet, busy)
+    assert set(slow) == {"Linear", "ReLU", "Conv2d"}
+    assert slow["Linear"] == pytest.approx(1.5)
+    assert slow["ReLU"] == 1.0
+    assert slow["Conv2d"] == pytest.approx(1.2)
+    assert slowdowns_by_class([], [], []) == {}
+
+
+# -- simulate ------------------------------------------------------------------------------------------------------
+# Program A: four ops, op i uses Wi (100 B, 128 B in the arena).
+A = program([100] * 4, [(f"m{i}", (i,), i) for i in range(4)])
+
+
+def test_simulate_two_slot_ring_by_hand():
+    # The simple plan at 256 B: W0 at 0 and W1 at 128 issued at op 0, W2 at 0 at op 1, W3 at 128 at op 2.
+    # Link: 100 B/ms plus 0.5 ms per copy: 1.5 ms a load. Compute 2, 1, 4, 1 ms; slowdowns 1.5, 2, 1, 3.
+    #   W0 [0, 1.5], W1 [1.5, 3] (FIFO); W2 waits for W0's release, W3 for W1's.
+    #   op 0 waits for W0: ready 1.5; W1 runs beside it for 1.5 ms of its 2: 2 + 0.5 x 1.5 = 2.75: [1.5, 4.25]
+    #   W2 [4.25, 5.75] (after op 0); op 1 ready at 4.25 (W1 arrived at 3), W2 beside it for the whole 1 ms
+    #   of compute: 1 + 1 x 1 = 2: [4.25, 6.25]
+    #   W3 [6.25, 7.75] (after op 1; the link was free at 5.75); op 2 ready 6.25, slowdown 1: [6.25, 10.25]
+    #   op 3 waits for W3 (7.75, long arrived): ready 10.25; nothing moves beside it: [10.25, 11.25]
+    plan = simple_plan(A, budget_bytes=256, device="cpu", alignment=ALIGN, activation_bytes=0)
+    assert [(l.weight, l.start_step, l.offset_bytes) for l in plan.loads] == [(0, 0, 0), (1, 0, 128), (2, 1, 0),
+                                                                              (3, 2, 128)]
+    costs = costs_ms([2, 1, 4, 1], [1.5, 2.0, 1.0, 3.0], bytes_per_ms=100, overhead_ms=0.5)
+    tl = simulate(plan, costs)
+    assert in_ms(tl.load_start_s) == pytest.approx([0, 1.5, 4.25, 6.25])
+    assert in_ms(tl.load_end_s) == pytest.approx([1.5, 3, 5.75, 7.75])
+    assert in_ms(tl.step_start_s) == pytest.approx([1.5, 4.25, 6.25, 10.25])
+    assert in_ms(tl.step_end_s) == pytest.approx([4.25, 6.25, 10.25, 11.25])
+    assert tl.total_s == pytest.approx(11.25 * MS)
+
+
+def test_simulate_link_bound_and_compute_bound():
+    plan = simple_plan(A, budget_bytes=256, device="cpu", alignment=ALIGN, activation_bytes=0)
+    # No compute: the link alone, 4 x 1 ms back to back (each load's holder is done by the time the link is).
+    tl = simulate(plan, costs_ms([0] * 4, [1.0] * 4, bytes_per_ms=100))
+    assert in_ms(tl.load_start_s) == pytest.approx([0, 1, 2, 3]) and tl.total_s == pytest.approx(4 * MS)
+    # 10 ms of compute per op and 1 ms loads: only W0's load shows: 1 + 4 x 10 = 41 ms.
+    tl = simulate(plan, costs_ms([10] * 4, [1.0] * 4, bytes_per_ms=100))
+    assert in_ms(tl.step_start_s) == pytest.approx([1, 11, 21, 31]) and tl.total_s == pytest.approx(41 * MS)
+    # All resident: compute only, and no load at all.
+    plan = simple_plan(A, budget_bytes=512, device="cpu", alignment=ALIGN, activation_bytes=0)
+    tl = simulate(plan, costs_ms([1, 2, 3, 4], [3.0] * 4, bytes_per_ms=100))
+    assert tl.load_start_s == () and in_ms(tl.step_end_s) == pytest.approx([1, 3, 6, 10])
+    assert Timeline((), (), (), ()).total_s == 0.0
+
+
+def test_simulate_waits_for_the_container_to_exit():
+    # Program C: op 0 'blk' (W0, 64 B) is a container around op 1 (W1, 128 B) and op 2 (W2, 128 B); op 3 uses
+    # W3 (256 B), loaded over the bytes of all three. W0 and W2 both last until op 2, but op 0 exits last,
+    # so W3 waits for W0's release. Link 64 B/ms, 1 ms of compute per op:
+    #   W0 [0, 1], W1 [1, 3], W2 [3, 5]; op 0 [1, 2]; op 1 [3, 4]; op 2 [5, 6];
+    #   W3 after the end of op 2: [6, 10]; op 3 [10, 11].
+    prog = program([64, 128, 128, 256], [("blk", (0,), 2), ("blk.a", (1,), 1), ("blk.b", (2,), 2), ("next", (3,), 3)])
+    plan = Plan(device="cpu", signature="test", budget_bytes=320, arena_bytes=320, resident_bytes=0,
+                activation_bytes=0, buffer_bytes=0, alignment=ALIGN, residents=(),
+                loads=(Load(0, 0, 0, 2, 0, 0, 64), Load(1, 0, 1, 1, 1, 64, 128), Load(2, 0, 2, 2, 2, 192, 128),
+                       Load(3, 3, 3, 3, 3, 0, 256)),
+                n_ops=4, status="simple")
+    assert list(find_problems(plan, prog)) == []
+    tl = simulate(plan, costs_ms([1] * 4, [1.0] * 4, bytes_per_ms=64))
+    assert in_ms(tl.load_start_s) == pytest.approx([0, 1, 3, 6])
+    assert in_ms(tl.step_start_s) == pytest.approx([1, 3, 5, 10])
+    assert tl.total_s == pytest.approx(11 * MS)
+
+
+def test_simulate_with_residents_and_a_fifo_link():
+    # A at 384: W0 resident, W1 at 128 and W2 at 256 issued at op 0, W3 at 128 once W1 is done.
+    # Link 50 B/ms: 2 ms a load. Compute 1, 1, 1, 1 ms, no slowdown.
+    #   op 0 needs nothing loaded: [0, 1]; W1 [0, 2], W2 [2, 4] (behind W1 on the link)
+    #   op 1 waits for W1: [2, 3]; W3 after W1's release (end of op 1, 3): [4, 6] (the link is busy until 4)
+    #   op 2 waits for W2: [4, 5]; op 3 waits for W3: [6, 7].
+    plan = simple_plan(A, budget_bytes=384, device="cpu", alignment=ALIGN, activation_bytes=0)
+    assert plan.residents == (Resident(0, 0, 100),)
+    tl = simulate(plan, costs_ms([1] * 4, [1.0] * 4, bytes_per_ms=50))
+    assert in_ms(tl.load_start_s) == pytest.approx([0, 2, 4])
+    assert in_ms(tl.step_start_s) == pytest.approx([0, 2, 4, 6])
+    assert tl.total_s == pytest.approx(7 * MS)
+
+
+# -- CostModel --------------------------------------------------------------------------------------------------------
+def test_cost_model_json_round_trip():
+    costs = CostModel("cuda:0", "abc123", LinkCost("pinned host to cuda", 2.5e10, 7.5e-6),
+                      (StepCost("Linear", 1.25e-4, 1.03), StepCost("Embedding", 3e-6, 1.0),
+                       StepCost("LayerNorm", 0.0, 1.0)))
+    back = CostModel.from_json(costs.to_json())
+    assert back == costs
+    assert isinstance(back.steps, tuple) and isinstance(back.link, LinkCost)
+    assert back.compute_s == pytest.approx(1.25e-4 + 3e-6)
+    doc = json.loads(costs.to_json())
+    assert doc["link"]["bandwidth_bytes_per_s"] == 2.5e10 and doc["steps"][1]["op_class"] == "Embedding"
+
+
+# -- profile ----------------------------------------------------------------------------------------------------------
+def test_profile_a_streamed_mlp(streams):
+    x = make_input("mlp")
+    expected = resident(make_model("mlp"), x)
+    sm = streams(make_model("mlp"), streaming_budget(), x)
+    assert sm.plan.loads, "the budget should stream some weights"
+    plan_before = sm.plan
+    costs = profile(sm, (x,), {}, calls=1)
+    assert sm.plan is plan_before  # profiling plans nothing new
+    assert costs.device == "cpu" and costs.signature == sm.program.signature
+    assert len(costs.steps) == len(sm.program.ops) == 4  # the four Linear layers
+    assert all(s.op_class == "Linear" for s in costs.steps)
+    assert all(s.compute_s >= 0 and s.slowdown >= 1.0 for s in costs.steps)
+    assert len({s.slowdown for s in costs.steps}) == 1  # one class, one slowdown
+    assert "pread" in costs.link.kind and costs.link.bandwidth_bytes_per_s > 0 and costs.link.overhead_s >= 0
+    assert sm._executor.profiling is False and sm._executor.mover.serial is False
+    for _ in range(2):
+        with torch.no_grad():
+            assert torch.equal(sm(x), expected)
+    assert sm.stats.streamed_bytes == sm.plan.streamed_bytes > 0
+    # the profile predicts this plan
+    assert simulate(sm.plan, costs).total_s >= costs.compute_s
+
+
+def test_profile_before_any_other_call_and_the_solver_on_it(streams):
+    # profile() makes the first call itself when the signature is new; the costs then drive solve_plan.
+    from flashmem.solve import SolverSettings, solve_plan
+
+    x = make_input("mlp", seed=3)
+    y = make_input("mlp", seed=4, batch=3)  # another signature
+    expected = resident(make_model("mlp"), y)
+    sm = streams(make_model("mlp"), streaming_budget(), x)
+    costs = profile(sm, (y,), {}, calls=1)
+    assert costs.signature == sm.program.signature
+    plan = solve_plan(sm.program, costs, budget_bytes=sm.budget_bytes, device="cpu", alignment=sm.plan.alignment,
+                      activation_bytes=0, granularity=ALIGN, settings=SolverSettings(time_limit_s=1.0))
+    assert list(find_problems(plan, sm.program)) == []
+    assert plan.predicted_s <= simulate(sm.plan, costs).total_s + 1e-12
+    with torch.no_grad():
+        assert torch.equal(sm(y), expected)
