@@ -63,6 +63,7 @@ class CostModel:
 
 
 COPY_SIZES = (64 * 2**10, 2**20, 8 * 2**20, 64 * 2**20)
+CUDA_COPY_SIZES = COPY_SIZES + (256 * 2**20,)
 
 
 def _fit(sizes: list[int], seconds: list[float], kind: str) -> LinkCost:
@@ -70,14 +71,15 @@ def _fit(sizes: list[int], seconds: list[float], kind: str) -> LinkCost:
     return LinkCost(kind, float(1.0 / slope), float(max(intercept, 0.0)))
 
 
-def measure_link(device: torch.device, repeats: int = 5) -> LinkCost:
-    """Time copies of `COPY_SIZES` bytes over the device's weight link and fit overhead + bytes / bandwidth."""
+def measure_link(device: torch.device, repeats: int = 7) -> LinkCost:
+    """Time copies of several sizes (64 KiB to 256 MiB on CUDA, to 64 MiB on the CPU) over the device's weight
+    link and fit overhead + bytes / bandwidth to the medians."""
     sizes, seconds = [], []
     if device.type == "cuda":
-        src = torch.empty(max(COPY_SIZES), dtype=torch.uint8).pin_memory()
-        dst = torch.empty(max(COPY_SIZES), dtype=torch.uint8, device=device)
+        src = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8).pin_memory()
+        dst = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8, device=device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for n in COPY_SIZES:
+        for n in CUDA_COPY_SIZES:
             times = []
             for _ in range(repeats + 1):
                 start.record()
@@ -224,6 +226,14 @@ def simulate(plan, costs: CostModel) -> Timeline:
     needs: list[list[int]] = [[] for _ in range(n)]  # per step, the loads it uses first
     for j, load in enumerate(loads):
         needs[load.first_use].append(j)
+    # On CUDA, loads issued at one step that follow each other in the arena (and in the pinned buffer, which
+    # holds weights in index order) move as one copy: one per-copy overhead for the group.
+    merged = [False] * len(loads)
+    if plan.device.startswith("cuda"):
+        for j in range(1, len(loads)):
+            a, b = loads[j - 1], loads[j]
+            gap = b.offset_bytes - (a.offset_bytes + a.nbytes)
+            merged[j] = (a.start_step == b.start_step and b.weight == a.weight + 1 and 0 <= gap < plan.alignment)
     step_start, step_end = [0.0] * n, [0.0] * n
     load_start, load_end = [0.0] * len(loads), [0.0] * len(loads)
     scheduled, link_free, clock = 0, 0.0, 0.0
@@ -235,7 +245,8 @@ def simulate(plan, costs: CostModel) -> Timeline:
                 break
             begin = max(link_free, step_end[loads[k].last_use] if k is not None else 0.0)
             load_start[scheduled] = begin
-            link_free = load_end[scheduled] = begin + costs.link.seconds(loads[scheduled].nbytes)
+            copies = 0 if merged[scheduled] else 1
+            link_free = load_end[scheduled] = begin + costs.link.seconds(loads[scheduled].nbytes, copies)
             scheduled += 1
         ready = max([clock] + [load_end[j] for j in needs[i]])
         step = costs.steps[i]

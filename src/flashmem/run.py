@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import FlashmemError, TraceMismatch
+from .errors import DeviceUnavailable, FlashmemError, TraceMismatch
 from .plan import Plan
 from .trace import Program, owned_tensors, typed_view
 
@@ -148,13 +148,11 @@ def check_device(device: str | torch.device) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from .errors import DeviceUnavailable
             raise DeviceUnavailable("device 'cuda' was asked for but PyTorch sees no CUDA GPU "
                                     f"(torch {torch.__version__}); use device='cpu' or install a CUDA build")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         elif device.index >= torch.cuda.device_count():
-            from .errors import DeviceUnavailable
             raise DeviceUnavailable(f"device {device} was asked for but only {torch.cuda.device_count()} "
                                     f"CUDA devices exist; use one of cuda:0..cuda:{torch.cuda.device_count() - 1}")
     elif device.type != "cpu":
