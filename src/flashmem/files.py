@@ -92,6 +92,12 @@ def index_folder(folder: Path) -> dict[str, TensorLocation]:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        pickles = pickle_checkpoints(folder)
+        if pickles:
+            raise BadModelFolder(f"{', '.join(p.name for p in pickles)} in {folder} are pickle checkpoints, which "
+                                 f"flashmem does not load by default (unpickling can run code from the file); "
+                                 f"convert them to safetensors, or pass allow_pickle=True to load them with "
+                                 f"torch.load(weights_only=True)")
         raise BadModelFolder(f"no *.safetensors files in {folder} (found: {', '.join(found) or 'nothing'}); "
                              f"flashmem streams safetensors only; convert the checkpoint with "
                              f"`model.save_pretrained(folder, safe_serialization=True)`")
@@ -101,6 +107,59 @@ def index_folder(folder: Path) -> dict[str, TensorLocation]:
             raise BadModelFolder(f"shard {path.name} named by the index is missing from {folder}")
         out.update(read_header(path))
     return out
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def pickle_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files in pickle format (PyTorch's .bin/.pt/.pth/.ckpt) in a folder."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix in PICKLE_SUFFIXES) if Path(folder).is_dir() else []
+
+
+def convert_pickles(folder: Path, cache_root: Path) -> Path:
+    """A safetensors copy of a folder's pickle checkpoints, loaded with `torch.load(weights_only=True)` (which
+    refuses anything but tensors and plain containers), kept in `cache_root` and reused while the files are
+    unchanged. Returns the folder to read instead: the original config plus model.safetensors."""
+    import hashlib
+    import pickle
+    import shutil
+
+    from safetensors.torch import save_file
+
+    pickles = pickle_checkpoints(folder)
+    stamp = hashlib.sha256("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                    for p in pickles).encode()).hexdigest()[:24]
+    target = cache_root / stamp
+    if (target / "model.safetensors").exists():
+        return target
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple]] = set()
+    for path in pickles:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            raise BadModelFolder(f"{path} does not load as weights only ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0]}); flashmem will not unpickle anything else") from None
+        if not isinstance(state, dict):
+            raise BadModelFolder(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+        for name, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = (t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), tuple(t.shape))
+            if key in seen:
+                continue  # a tied tensor: the model ties it again when built
+            seen.add(key)
+            tensors[name] = t.contiguous()
+    staging = cache_root / f".{stamp}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(tensors, str(staging / "model.safetensors"))
+    for extra in folder.iterdir():
+        if extra.suffix == ".json" and extra.name != "model.safetensors.index.json":
+            shutil.copy(extra, staging / extra.name)
+    staging.rename(target)
+    return target
 
 
 def pread_into(fd: int, offset_bytes: int, dst: memoryview) -> None:

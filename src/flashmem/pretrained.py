@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .errors import BadModelFolder
-from .files import index_folder
+from .files import convert_pickles, index_folder, pickle_checkpoints
 from .store import FileStore, HostStore
-from .streamed import StreamedModel, build
+from .streamed import StreamedModel, build, default_cache_dir
 from .trace import ModelWeights
 
 
@@ -56,13 +56,17 @@ def _file_dtype(locations) -> torch.dtype | None:
 def from_pretrained(path: str | Path, budget, device: str = "cpu", example_inputs: tuple | None = None,
                     example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, planner: str = "simple",
-                    cache_dir: str | Path | None = None) -> StreamedModel:
+                    cache_dir: str | Path | None = None, allow_pickle: bool = False) -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
-    floating dtype. `trust_remote_code` stays off unless you turn it on: a model folder is untrusted input.
+    floating dtype. A model folder is untrusted input: `trust_remote_code` stays off unless you turn it on,
+    and pickle checkpoints (.bin, .pt) are refused unless `allow_pickle=True`, which loads them with
+    `torch.load(weights_only=True)` into a safetensors copy under ~/.cache/flashmem/converted.
     """
     path = Path(path)
+    if allow_pickle and not list(path.glob("*.safetensors")) and pickle_checkpoints(path):
+        path = convert_pickles(path, default_cache_dir().parent / "converted")
     locations = index_folder(path)
     dtype = dtype or _file_dtype(locations)
     model = build_on_meta(path, dtype, trust_remote_code)
