@@ -7,6 +7,7 @@ References are always computed with every weight resident, BEFORE the model is h
 """
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from pathlib import Path
@@ -259,3 +260,40 @@ def llama_sharded_folder(tmp_path_factory) -> Path:
 def gpt2_folder(tmp_path_factory) -> Path:
     """A small GPT-2 (lm_head tied to wte, so the files hold the weight once)."""
     return save_folder(hf_model("gpt2"), tmp_path_factory.mktemp("gpt2-tied"))
+
+
+# -- shared by the planner, cost model, cache and report tests ------------------------------------------------
+def program(sizes: list[int], ops: list[tuple[str, tuple[int, ...], int]], *, activation_bytes: int = 0,
+            buffer_bytes: int = 0, signature: str = "test"):
+    """A Program from weight sizes (bytes, uint8 weights W0, W1, ...) and ops (module, weights, end_index)."""
+    from flashmem.trace import Op, Program, Weight
+
+    slots: dict[int, list] = {i: [] for i in range(len(sizes))}
+    for module, ws, _ in ops:
+        for w in ws:
+            if (module, f"w{w}") not in slots[w]:
+                slots[w].append((module, f"w{w}"))
+    weights = tuple(Weight(i, f"W{i}", (n,), torch.uint8, n, tuple(slots[i])) for i, n in enumerate(sizes))
+    return Program(weights=weights, ops=tuple(Op(i, m, tuple(ws), end) for i, (m, ws, end) in enumerate(ops)),
+                   activation_bytes=activation_bytes, buffer_bytes=buffer_bytes, signature=signature)
+
+
+@functools.lru_cache(maxsize=None)
+def streaming_budget(kind: str = "mlp") -> int:
+    """A budget under which flashmem streams some of the model's weights (whatever flashmem adds to the
+    weights' bytes): about 70% of the model's bytes, raised to what BudgetTooSmall asks for."""
+    x = make_input(kind)
+    budget = int(model_bytes(make_model(kind)) * 0.7)
+    for _ in range(6):
+        try:
+            sm = flashmem.stream(make_model(kind), budget, device="cpu", example_inputs=(x,))
+        except flashmem.BudgetTooSmall as err:
+            assert err.need_bytes > budget
+            budget = err.need_bytes
+            continue
+        try:
+            assert sm.plan.loads, f"nothing streams at {budget} B"
+            return budget
+        finally:
+            sm.close()
+    raise AssertionError(f"no budget accepted up to {budget} B")

@@ -3,58 +3,22 @@ predicts on hand-sized plans worked out by hand, the cost model's JSON, and `pro
 model (one StepCost per op, and the model's outputs untouched by profiling)."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 
 import pytest
 import torch
 
-import flashmem
 
 from flashmem.check import find_problems
 from flashmem.costs import (BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit, measure_link, profile,
                             simulate, slowdowns_by_class)
 from flashmem.plan import Load, Plan, Resident, simple_plan
-from flashmem.trace import Op, Program, Weight
 
-from conftest import make_input, make_model, model_bytes, resident
+from conftest import make_input, make_model, resident, program, streaming_budget
 
 ALIGN = 64
 MS = 1e-3
-
-
-@functools.lru_cache(maxsize=None)
-def streaming_budget(kind: str = "mlp") -> int:
-    """A budget under which flashmem streams some of the model's weights (whatever flashmem adds to the
-    weights' bytes): about 70% of the model's bytes, raised to what BudgetTooSmall asks for."""
-    x = make_input(kind)
-    budget = int(model_bytes(make_model(kind)) * 0.7)
-    for _ in range(6):
-        try:
-            sm = flashmem.stream(make_model(kind), budget, device="cpu", example_inputs=(x,))
-        except flashmem.BudgetTooSmall as err:
-            assert err.need_bytes > budget
-            budget = err.need_bytes
-            continue
-        try:
-            assert sm.plan.loads, f"nothing streams at {budget} B"
-            return budget
-        finally:
-            sm.close()
-    raise AssertionError(f"no budget accepted up to {budget} B")
-
-
-def program(sizes: list[int], ops: list[tuple[str, tuple[int, ...], int]]) -> Program:
-    """A Program from weight sizes (bytes, uint8 weights W0, W1, ...) and ops (module, weights, end_index)."""
-    slots: dict[int, list] = {i: [] for i in range(len(sizes))}
-    for module, ws, _ in ops:
-        for w in ws:
-            if (module, f"w{w}") not in slots[w]:
-                slots[w].append((module, f"w{w}"))
-    weights = tuple(Weight(i, f"W{i}", (n,), torch.uint8, n, tuple(slots[i])) for i, n in enumerate(sizes))
-    return Program(weights=weights, ops=tuple(Op(i, m, tuple(ws), end) for i, (m, ws, end) in enumerate(ops)),
-                   activation_bytes=0, buffer_bytes=0, signature="test")
 
 
 def costs_ms(compute_ms, slowdowns, *, bytes_per_ms: float, overhead_ms: float = 0.0) -> CostModel:

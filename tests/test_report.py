@@ -3,59 +3,23 @@
 the budget, and matches a curve worked out by hand."""
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
-import flashmem
 
 from flashmem.check import find_problems
 from flashmem.costs import CostModel, LinkCost, StepCost, Timeline, measure_timeline, simulate
 from flashmem.plan import simple_plan
 from flashmem.report import memory_curve, plot_plan
 from flashmem.solve import SolverSettings, solve_plan
-from flashmem.trace import Op, Program, Weight
+from flashmem.trace import Program
 
-from conftest import make_input, make_model, model_bytes, resident
+from conftest import make_input, make_model, resident, program, streaming_budget
 
 ALIGN = 64
 MS = 1e-3
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@functools.lru_cache(maxsize=None)
-def streaming_budget(kind: str = "mlp") -> int:
-    """A budget under which flashmem streams some of the model's weights (whatever flashmem adds to the
-    weights' bytes): about 70% of the model's bytes, raised to what BudgetTooSmall asks for."""
-    x = make_input(kind)
-    budget = int(model_bytes(make_model(kind)) * 0.7)
-    for _ in range(6):
-        try:
-            sm = flashmem.stream(make_model(kind), budget, device="cpu", example_inputs=(x,))
-        except flashmem.BudgetTooSmall as err:
-            assert err.need_bytes > budget
-            budget = err.need_bytes
-            continue
-        try:
-            assert sm.plan.loads, f"nothing streams at {budget} B"
-            return budget
-        finally:
-            sm.close()
-    raise AssertionError(f"no budget accepted up to {budget} B")
-
-
-def program(sizes: list[int], ops: list[tuple[str, tuple[int, ...], int]], *, activation_bytes: int = 0,
-            buffer_bytes: int = 0) -> Program:
-    """A Program from weight sizes (bytes, uint8 weights W0, W1, ...) and ops (module, weights, end_index)."""
-    slots: dict[int, list] = {i: [] for i in range(len(sizes))}
-    for module, ws, _ in ops:
-        for w in ws:
-            if (module, f"w{w}") not in slots[w]:
-                slots[w].append((module, f"w{w}"))
-    weights = tuple(Weight(i, f"W{i}", (n,), torch.uint8, n, tuple(slots[i])) for i, n in enumerate(sizes))
-    return Program(weights=weights, ops=tuple(Op(i, m, tuple(ws), end) for i, (m, ws, end) in enumerate(ops)),
-                   activation_bytes=activation_bytes, buffer_bytes=buffer_bytes, signature="test")
 
 
 def costs_ms(compute_ms, slowdowns=None, *, bytes_per_ms: float = 100, overhead_ms: float = 0.0) -> CostModel:

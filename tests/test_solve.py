@@ -12,7 +12,6 @@ import dataclasses
 import random
 
 import pytest
-import torch
 
 import flashmem
 
@@ -22,26 +21,15 @@ from flashmem.costs import CostModel, LinkCost, StepCost, simulate
 from flashmem.errors import BudgetTooSmall
 from flashmem.plan import Load, Plan, Resident, simple_plan
 from flashmem.solve import SolverSettings, solve_plan
-from flashmem.trace import Op, Program, Weight
+from flashmem.trace import Program
+
+from conftest import program
 
 ALIGN = 64
 U = 64  # bytes in one alignment unit
 MS = 1e-3
 STATUSES = {"optimal", "feasible", "fallback"}
 FAST = SolverSettings(time_limit_s=1.0)
-
-
-def program(sizes: list[int], ops: list[tuple[str, tuple[int, ...], int]], *, activation_bytes: int = 0,
-            buffer_bytes: int = 0) -> Program:
-    """A Program from weight sizes (bytes, uint8 weights W0, W1, ...) and ops (module, weights, end_index)."""
-    slots: dict[int, list] = {i: [] for i in range(len(sizes))}
-    for module, ws, _ in ops:
-        for w in ws:
-            if (module, f"w{w}") not in slots[w]:
-                slots[w].append((module, f"w{w}"))
-    weights = tuple(Weight(i, f"W{i}", (n,), torch.uint8, n, tuple(slots[i])) for i, n in enumerate(sizes))
-    return Program(weights=weights, ops=tuple(Op(i, m, tuple(ws), end) for i, (m, ws, end) in enumerate(ops)),
-                   activation_bytes=activation_bytes, buffer_bytes=buffer_bytes, signature="test")
 
 
 def chain(sizes: list[int]) -> Program:

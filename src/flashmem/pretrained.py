@@ -6,7 +6,6 @@ in the files and are read into the RAM arena as the plan says, so RAM holds no m
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
