@@ -244,3 +244,26 @@ def test_cuda_from_pretrained(tmp_path):
     finally:
         sm.close()
         settle()
+
+
+def test_cuda_poisoned_and_slow_copies_stay_exact(case):
+    """Released arena bytes are filled with 0xFF (NaN) on the compute stream and every copy is held back on
+    the copy stream: a missing event wait would compute on NaN or on the previous weight."""
+    budget = int(0.45 * case["nbytes"])
+    debug = flashmem.DebugOptions(poison=True, slow_copy_s=0.0002)
+    for _ in range(3):
+        try:
+            sm = flashmem.stream(build(case["kind"]), budget, device="cuda", example_inputs=(case["xs"][0],),
+                                 debug=debug)
+            break
+        except flashmem.BudgetTooSmall as err:
+            budget = err.need_bytes + 2 * MiB
+            settle()
+    try:
+        assert sm.plan.loads
+        for x, ref in zip(case["xs"], case["refs"]):
+            with torch.no_grad():
+                assert torch.equal(out_of(sm(x)), ref)
+    finally:
+        sm.close()
+        settle()

@@ -14,14 +14,15 @@ from .errors import (BadBudget, BadModelFolder, BudgetTooSmall, DeviceUnavailabl
                      TraceMismatch)
 from .plan import Load, Plan, Resident
 from .pretrained import from_pretrained
-from .run import CallStats
+from .run import CallStats, DebugOptions
 from .streamed import StreamedModel, stream
 from .units import fmt_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "stream", "from_pretrained", "StreamedModel", "Plan", "Load", "Resident", "CallStats", "parse_bytes",
+    "stream", "from_pretrained", "StreamedModel", "Plan", "Load", "Resident", "CallStats", "DebugOptions",
+    "parse_bytes",
     "fmt_bytes", "FlashmemError", "BudgetTooSmall", "BadBudget", "BadModelFolder", "DeviceUnavailable",
     "PlanInvalid", "TraceMismatch", "__version__",
 ]

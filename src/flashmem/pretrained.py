@@ -55,7 +55,8 @@ def _file_dtype(locations) -> torch.dtype | None:
 def from_pretrained(path: str | Path, budget, device: str = "cpu", example_inputs: tuple | None = None,
                     example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, planner: str = "simple",
-                    cache_dir: str | Path | None = None, allow_pickle: bool = False) -> StreamedModel:
+                    cache_dir: str | Path | None = None, allow_pickle: bool = False,
+                    debug=None) -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
@@ -106,4 +107,4 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
         return FileStore.spill(found, [w.name for w in mw.weights])
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
-                 cache_dir=cache_dir, eager_store=True)
+                 cache_dir=cache_dir, eager_store=True, debug=debug)

@@ -18,6 +18,18 @@ from .trace import Program, owned_tensors, typed_view
 
 
 @dataclass(frozen=True)
+class DebugOptions:
+    """Checks for the runtime itself, off by default.
+
+    poison: fill a load's arena bytes with 0xFF (NaN in every float format) when it is released, and the
+        ring when it is made, so that computing with a weight that is not in place changes the output.
+    slow_copy_s: hold back every copy by this many seconds, so that a missing wait shows.
+    """
+    poison: bool = False
+    slow_copy_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class CallStats:
     """What the last streamed call did."""
     peak_bytes: int  # device memory held by the call: arena, buffers and activations at their peak

@@ -13,7 +13,7 @@ import torch
 
 from .errors import FlashmemError
 from .plan import Plan, previous_holders
-from .run import CallStats
+from .run import CallStats, DebugOptions
 from .store import FileStore
 
 
@@ -45,8 +45,9 @@ def peak_rss_bytes() -> int:
 
 
 class CpuMover:
-    def __init__(self, plan: Plan, store: FileStore, arena: torch.Tensor):
+    def __init__(self, plan: Plan, store: FileStore, arena: torch.Tensor, debug: DebugOptions = DebugOptions()):
         self.plan = plan
+        self.debug = debug
         self.store = store
         self.arena = arena
         self.arena_np = arena.numpy()
@@ -101,6 +102,8 @@ class CpuMover:
                 if self.abort:
                     return
             view = memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes])
+            if self.debug.slow_copy_s:
+                time.sleep(self.debug.slow_copy_s)
             began = time.perf_counter()
             self.store.read_into_view(load.weight, view)
             self.load_times[j] = (began, time.perf_counter())
@@ -152,6 +155,10 @@ class CpuMover:
         self.marks.append((op, t0, t1))
 
     def release(self, loads: tuple[int, ...]) -> None:
+        if self.debug.poison:
+            for j in loads:
+                load = self.plan.loads[j]
+                self.arena[load.offset_bytes:load.offset_bytes + load.nbytes].fill_(255)
         with self.cond:
             for j in loads:
                 self.released[j] = True

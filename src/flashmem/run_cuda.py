@@ -12,14 +12,18 @@ import time
 import torch
 
 from .plan import Plan, previous_holders
-from .run import CallStats
+from .run import CallStats, DebugOptions
 from .store import HostStore
 
 
 class CudaMover:
     def __init__(self, plan: Plan, store: HostStore, arena: torch.Tensor, device: torch.device,
-                 timing: bool = True):
+                 timing: bool = True, debug: DebugOptions = DebugOptions()):
         self.plan = plan
+        self.debug = debug
+        # torch.cuda._sleep spins for a number of cycles; the clock rate turns seconds into cycles.
+        rate_hz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 1_500_000) * 1e3
+        self.slow_cycles = int(debug.slow_copy_s * rate_hz)
         self.device = device
         self.arena = arena
         self.copy_stream = torch.cuda.Stream(device)
@@ -95,6 +99,8 @@ class CudaMover:
             for dst, src, waits, done in self.groups[step]:
                 for k in waits:
                     self.copy_stream.wait_event(self.freed[k])
+                if self.slow_cycles:
+                    torch.cuda._sleep(self.slow_cycles)
                 if self.record_loads:
                     mark = (done, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                     mark[1].record(self.copy_stream)
@@ -122,6 +128,9 @@ class CudaMover:
 
     def release(self, loads: tuple[int, ...]) -> None:
         for j in loads:
+            if self.debug.poison:  # on the compute stream, after the op, before the release is recorded
+                load = self.plan.loads[j]
+                self.arena[load.offset_bytes:load.offset_bytes + load.nbytes].fill_(255)
             ev = self.freed[j]
             if ev is not None:
                 ev.record(self.compute)

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 from .check import check_plan
 from .errors import BudgetTooSmall, FlashmemError
 from .plan import Plan, simple_plan
-from .run import CallStats, Executor, arena_views, build_steps, check_device
+from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover
 from .run_cuda import CudaMover
 from .store import FileStore, HostStore, as_bytes
@@ -73,6 +73,7 @@ class StreamedModel:
         self._state_lock = threading.Lock()
         self._hooks: list = []
         self.costs = None  # the cost model of the last use_solver()
+        self.debug = DebugOptions()
         self._set_all(lambda w: self._placeholders[w])
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -162,6 +163,8 @@ class StreamedModel:
                 else:
                     self._arena = None
                     self._arena = torch.zeros(plan.arena_bytes, dtype=torch.uint8)  # touched: RSS shows it
+            if self.debug.poison:
+                self._arena[plan.resident_bytes:].fill_(255)
             for r in plan.residents:
                 self._store.read_into(r.weight, self._arena[r.offset_bytes:r.offset_bytes + r.nbytes])
             self._arena_residents = plan.residents
@@ -171,9 +174,9 @@ class StreamedModel:
             self._set_all(lambda w: self._resident_views.get(w, self._placeholders[w]))
         steps = build_steps(self.model, program, plan, load_views, self._placeholders)
         if self.device.type == "cuda":
-            mover = CudaMover(plan, self._store, self._arena, self.device)
+            mover = CudaMover(plan, self._store, self._arena, self.device, debug=self.debug)
         else:
-            mover = CpuMover(plan, self._store, self._arena)
+            mover = CpuMover(plan, self._store, self._arena, debug=self.debug)
         self._executor = Executor(self.model, program, plan, mover, steps)
         self._signature = program.signature
         self._current = (program, plan)
@@ -337,7 +340,8 @@ def default_cache_dir() -> Path:
 
 
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
-          planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False) -> StreamedModel:
+          planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False,
+          debug: DebugOptions | None = None) -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device)` makes the weight store, once
     the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
     built on the meta device has no tensors to read)."""
@@ -354,6 +358,8 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     _static_check(mw, budget_bytes, buffer_bytes)
     streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device), tensors, device, budget_bytes,
                              buffer_bytes)
+    if debug is not None:
+        streamed.debug = debug
     if eager_store:
         streamed._store, streamed._make_store, streamed._originals = source(mw, tensors, device), None, None
     args = tuple(example_inputs) if example_inputs is not None else ()
@@ -386,7 +392,7 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
            example_kwargs: dict | None = None, planner: str = "simple",
-           cache_dir: str | Path | None = None) -> StreamedModel:
+           cache_dir: str | Path | None = None, debug: DebugOptions | None = None) -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
@@ -394,6 +400,7 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     planner: "simple" (keep what fits resident, prefetch the rest through a ring) or "solver" (profile
     the model on the device, then plan with CP-SAT to minimise the predicted latency; the plan is
     cached in `cache_dir`, by default $FLASHMEM_CACHE/plans or ~/.cache/flashmem/plans).
+    debug: `flashmem.DebugOptions` to poison released weight bytes or slow copies down (runtime checks).
 
     Outputs are bit-identical to the model run with all weights resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
@@ -404,4 +411,4 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     True
     """
     return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
-                 planner=planner, cache_dir=cache_dir)
+                 planner=planner, cache_dir=cache_dir, debug=debug)
