@@ -66,10 +66,22 @@ def build_steps(model: nn.Module, program: Program, plan: Plan, load_views: list
     unbind = [[] for _ in range(n)]
     for op in program.ops:
         module = model.get_submodule(op.module)
+        owned = set()
         for table, attr, _ in owned_tensors(module):
             w = slot_weight[(op.module, attr)]
+            owned.add(w)
             j = load_for.get((w, op.index))
             if j is not None:
+                bind[op.index].append((table, attr, load_views[j]))
+                unbind[op.index].append((table, attr, placeholders[w]))
+        for w in op.weights:  # used by the op but held by modules that do not run (put in place everywhere)
+            j = load_for.get((w, op.index))
+            if w in owned or j is None:
+                continue
+            weight = program.weights[w]
+            for mod_name, attr in weight.slots:
+                holder = model.get_submodule(mod_name)
+                table = holder._buffers if weight.is_buffer else holder._parameters
                 bind[op.index].append((table, attr, load_views[j]))
                 unbind[op.index].append((table, attr, placeholders[w]))
     return Steps(*(tuple(tuple(x) for x in table) for table in (issue, wait, bind, unbind, release)))

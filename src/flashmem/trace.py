@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import FlashmemError
 from .units import align_up
@@ -170,6 +171,29 @@ class ScratchLoader:
                 self.top = end
             table[attr] = view
 
+    def load_foreign(self, weight: int) -> torch.Tensor:
+        """Put `weight` in place in every module that holds it, for the op in flight (stack order: freed
+        when that op exits); returns its tensor."""
+        w = self.mw.weights[weight]
+        view = self.resident_views.get(weight)
+        if view is None:
+            end = self.top + align_up(w.nbytes, self.alignment)
+            if end > self.scratch.numel():
+                raise FlashmemError(f"weight {w.name!r}, used outside its own module's call, does not fit in "
+                                    f"what the trace has left ({end} > {self.scratch.numel()} B); raise the budget")
+            raw = self.scratch[self.top:self.top + w.nbytes]
+            self.read_into(weight, raw)
+            view = typed_view(raw, w)
+            self.top = end
+        self.set_slots(weight, view)
+        return view
+
+    def set_slots(self, weight: int, value: torch.Tensor) -> None:
+        w = self.mw.weights[weight]
+        for mod_name, attr in w.slots:
+            module = self.model.get_submodule(mod_name)
+            (module._buffers if w.is_buffer else module._parameters)[attr] = value
+
     def exit(self, mod_name: str, placeholders: dict[int, torch.Tensor]) -> None:
         module = self.model.get_submodule(mod_name)
         for table, attr, t in list(owned_tensors(module)):
@@ -211,8 +235,25 @@ class Tracer:
         self.signature = signature
         self.ops: list[list] = []  # [module name, weights, end index]
         self.stack: list[int] = []
+        self.foreign: dict[int, list[int]] = {}  # op -> weights it used that its module does not hold
+        self.placeholder_ids = {id(t): w for w, t in placeholders.items()}
+        self.mode: _ForeignUses | None = None
+
+    def use_foreign(self, weight: int) -> torch.Tensor:
+        """A weight used while its module is not running (nn.MultiheadAttention reads out_proj.weight):
+        attributed to the innermost op in flight, loaded for it."""
+        if not self.stack:
+            raise FlashmemError(f"the model uses weight {self.mw.weights[weight].name!r} outside every module "
+                                f"call that holds weights; flashmem cannot place it. Keep the model's root "
+                                f"free of direct uses of its children's weights")
+        op = self.stack[-1]
+        self.foreign.setdefault(op, []).append(weight)
+        self.ops[op][1] = self.ops[op][1] + (weight,)
+        return self.loader.load_foreign(weight)
 
     def start(self) -> None:
+        self.mode = _ForeignUses(self)
+        self.mode.__enter__()
         if self.device.type == "cuda":
             # Start from an empty cache so the reserved growth we see is what the forward's activations
             # cost the caching allocator (segment rounding included), as it will in a streamed call.
@@ -235,13 +276,22 @@ class Tracer:
     def exit(self, name: str) -> None:
         i = self.stack.pop()
         self.ops[i][2] = len(self.ops) - 1
+        for w in self.foreign.get(i, ()):
+            self.loader.set_slots(w, self.loader.resident_views.get(w, self.placeholders[w]))
         self.loader.exit(name, self.placeholders)
 
+    def _leave_mode(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
     def abort(self) -> None:
+        self._leave_mode()
         while self.stack:
             self.exit(self.ops[self.stack[-1]][0])
 
     def finish(self) -> Program:
+        self._leave_mode()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             activation_bytes = max(torch.cuda.max_memory_allocated(self.device) - self.allocated0,
@@ -259,6 +309,25 @@ class Tracer:
             buffer_bytes=self.buffer_bytes,
             signature=self.signature,
         )
+
+
+class _ForeignUses(TorchFunctionMode):
+    """During a trace: a torch function given a weight that is not in place (a placeholder) gets the weight,
+    loaded for the op in flight, instead of failing on the meta tensor."""
+
+    def __init__(self, tracer: Tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ids = self.tracer.placeholder_ids
+        leaves, spec = tree_flatten((args, kwargs))
+        if any(isinstance(a, torch.Tensor) and id(a) in ids for a in leaves):
+            leaves = [self.tracer.use_foreign(ids[id(a)]) if isinstance(a, torch.Tensor) and id(a) in ids else a
+                      for a in leaves]
+            args, kwargs = tree_unflatten(leaves, spec)
+        return func(*args, **kwargs)
 
 
 def module_names(model: nn.Module) -> dict[int, str]:
