@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -89,16 +90,15 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(nets())
-def test_random_networks_random_budgets_exact_and_within_budget(case):
+def check_random_network(case, device: str):
     model, ids, fraction = case
     with torch.no_grad():
-        ref = model(ids)
+        ref = model.to(device)(ids.to(device)).clone()
+        model.cpu()
     budget = max(1, int(fraction * model_bytes(model)))
     for _ in range(4):  # from the drawn fraction up to what BudgetTooSmall asks for
         try:
-            sm = flashmem.stream(copy.deepcopy(model), budget, device="cpu", example_inputs=(ids,), debug=DEBUG)
+            sm = flashmem.stream(copy.deepcopy(model), budget, device=device, example_inputs=(ids,), debug=DEBUG)
             break
         except flashmem.BudgetTooSmall as err:
             assert err.need_bytes > budget
@@ -114,6 +114,20 @@ def test_random_networks_random_budgets_exact_and_within_budget(case):
                 assert torch.equal(sm(ids), ref)
     finally:
         sm.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nets())
+def test_random_networks_random_budgets_exact_and_within_budget(case):
+    check_random_network(case, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nets())
+def test_random_networks_random_budgets_exact_and_within_budget_cuda(case):
+    check_random_network(case, "cuda")
 
 
 def test_weights_used_outside_their_modules_call_are_placed(streams):
