@@ -65,6 +65,7 @@ class StreamedModel:
         self._arena_residents: tuple | None = None  # the residents the arena holds now
         self._resident_views: dict[int, torch.Tensor] = {}
         self._executor: Executor | None = None
+        self._executors: dict[str, Executor] = {}  # per input signature, for the arena as it is
         self._signature: str | None = None
         self._tracer: Tracer | None = None
         self._names = module_names(model)
@@ -138,19 +139,29 @@ class StreamedModel:
         check_plan(plan, program)
         return plan
 
-    def _activate(self, program: Program, plan: Plan) -> None:
-        """Make `plan` the one in use: arena of its size, its residents in place, its executor."""
-        if self._executor is not None:
-            close = getattr(self._executor.mover, "close", None)
+    def _close_executors(self) -> None:
+        for executor in self._executors.values():
+            close = getattr(executor.mover, "close", None)
             if close:
                 close()
-            self._executor = None
+        self._executors.clear()
+        self._executor = None
+
+    def _activate(self, program: Program, plan: Plan) -> None:
+        """Make `plan` the one in use: arena of its size, its residents in place, its executor (kept per
+        input signature while the arena's layout of residents stays the same)."""
+        cached = self._executors.get(program.signature)
+        if cached is not None and cached.plan is plan and self._arena_residents == plan.residents \
+                and self._arena is not None and self._arena.numel() == plan.arena_bytes:
+            self._executor, self._signature, self._current = cached, program.signature, (program, plan)
+            return
         if self._store is None:
             self._store = self._make_store()
             self._make_store, self._originals = None, None
         arena_fits = self._arena is not None and self._arena.numel() == plan.arena_bytes
         same_residents = arena_fits and self._arena_residents == plan.residents
         if not same_residents:
+            self._close_executors()  # their views point into the arena as it was
             self._set_all(lambda w: self._placeholders[w])
             self._resident_views = {}
             if not arena_fits:
@@ -177,7 +188,16 @@ class StreamedModel:
             mover = CudaMover(plan, self._store, self._arena, self.device, debug=self.debug)
         else:
             mover = CpuMover(plan, self._store, self._arena, debug=self.debug)
+        old = self._executors.pop(program.signature, None)
+        if old is not None and getattr(old.mover, "close", None):
+            old.mover.close()
         self._executor = Executor(self.model, program, plan, mover, steps)
+        self._executors[program.signature] = self._executor
+        while len(self._executors) > MAX_PLANS:
+            first = next(iter(self._executors))
+            evicted = self._executors.pop(first)
+            if getattr(evicted.mover, "close", None):
+                evicted.mover.close()
         self._signature = program.signature
         self._current = (program, plan)
 
@@ -309,11 +329,7 @@ class StreamedModel:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if self._executor is not None:
-            close = getattr(self._executor.mover, "close", None)
-            if close:
-                close()
-            self._executor = None
+        self._close_executors()
         self._arena = None
         if self._store is not None:
             self._store.close()
