@@ -26,7 +26,7 @@ from .run_cpu import CpuMover
 from .run_cuda import CudaMover
 from .store import FileStore, HostStore, as_bytes
 from .trace import (ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature, module_names,
-                    placeholder)
+                    placeholder, set_slots)
 from .units import align_up, fmt_bytes, parse_bytes
 
 CUDA_ALIGNMENT = 512  # bytes; like PyTorch's allocator, so kernels see the same alignment as resident
@@ -80,10 +80,7 @@ class StreamedModel:
     # -- set-up ----------------------------------------------------------------------------------------
     def _set_all(self, value_for) -> None:
         for w in self._mw.weights:
-            for mod_name, attr in w.slots:
-                module = self.model.get_submodule(mod_name)
-                table = module._buffers if w.is_buffer else module._parameters
-                table[attr] = value_for(w.index)
+            set_slots(self.model, w, value_for(w.index))
 
     def _install_hooks(self) -> None:
         self._hooks.append(self.model.register_forward_pre_hook(self._call_begin, with_kwargs=True))

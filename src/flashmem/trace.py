@@ -138,6 +138,13 @@ def placeholder(weight: Weight) -> torch.Tensor:
     return typed_view(torch.empty(weight.nbytes, dtype=torch.uint8, device="meta"), weight)
 
 
+def set_slots(model: nn.Module, weight: Weight, value: torch.Tensor) -> None:
+    """Make every module that holds `weight` hold `value` instead."""
+    for mod_name, attr in weight.slots:
+        module = model.get_submodule(mod_name)
+        (module._buffers if weight.is_buffer else module._parameters)[attr] = value
+
+
 class ScratchLoader:
     """Loads each op's weights into a scratch buffer on entry (stack order) and unloads them on exit."""
 
@@ -160,15 +167,7 @@ class ScratchLoader:
             w = self.mw.weights[self._weight_of(mod_name, attr)]
             view = self.resident_views.get(w.index)
             if view is None:
-                end = self.top + align_up(w.nbytes, self.alignment)
-                if end > self.scratch.numel():
-                    raise FlashmemError(f"op {mod_name!r} needs more weight bytes at once than the trace "
-                                        f"allowed ({end} > {self.scratch.numel()}); a module is called "
-                                        f"from outside its parent; keep it resident")
-                raw = self.scratch[self.top:self.top + w.nbytes]
-                self.read_into(w.index, raw)
-                view = typed_view(raw, w)
-                self.top = end
+                view = self._load(w, f"op {mod_name!r}")
             table[attr] = view
 
     def load_foreign(self, weight: int) -> torch.Tensor:
@@ -177,22 +176,24 @@ class ScratchLoader:
         w = self.mw.weights[weight]
         view = self.resident_views.get(weight)
         if view is None:
-            end = self.top + align_up(w.nbytes, self.alignment)
-            if end > self.scratch.numel():
-                raise FlashmemError(f"weight {w.name!r}, used outside its own module's call, does not fit in "
-                                    f"what the trace has left ({end} > {self.scratch.numel()} B); raise the budget")
-            raw = self.scratch[self.top:self.top + w.nbytes]
-            self.read_into(weight, raw)
-            view = typed_view(raw, w)
-            self.top = end
+            view = self._load(w, f"weight {w.name!r}, used outside its own module's call,")
         self.set_slots(weight, view)
         return view
 
+    def _load(self, w: Weight, who: str) -> torch.Tensor:
+        """Read `w` into the scratch buffer's top (stack order)."""
+        end = self.top + align_up(w.nbytes, self.alignment)
+        if end > self.scratch.numel():
+            raise FlashmemError(f"{who} needs more weight bytes at once than the trace allows ({end} > "
+                                f"{self.scratch.numel()} B); a module is used from outside its parent; raise "
+                                f"the budget")
+        raw = self.scratch[self.top:self.top + w.nbytes]
+        self.read_into(w.index, raw)
+        self.top = end
+        return typed_view(raw, w)
+
     def set_slots(self, weight: int, value: torch.Tensor) -> None:
-        w = self.mw.weights[weight]
-        for mod_name, attr in w.slots:
-            module = self.model.get_submodule(mod_name)
-            (module._buffers if w.is_buffer else module._parameters)[attr] = value
+        set_slots(self.model, self.mw.weights[weight], value)
 
     def exit(self, mod_name: str, placeholders: dict[int, torch.Tensor]) -> None:
         module = self.model.get_submodule(mod_name)
