@@ -7,8 +7,9 @@ weights), batch 1, at a budget of 25% of the weights.
 
 One child process per (mode, tokens); the parent collects one JSON row from each. Modes:
   resident        the model loaded into RAM (safetensors), all weights resident
-  flashmem        flashmem.from_pretrained(folder, budget, device="cpu"): weights stay in the file and are
-                  pread into the RAM arena during each call
+  flashmem        flashmem.from_pretrained(folder, budget, device="cpu"): weights stay in the file, which
+                  is mapped; each call faults the streamed pages in ahead of compute and drops them after
+  flashmem_copy   the same with cpu_reads="copy": the streamed weights are pread into a RAM arena
   accelerate_disk accelerate.disk_offload(model, offload_dir, execution_device="cpu"): every weight offloaded
                   to accelerate's own on-disk copy (numpy memmaps) and loaded per module during each call
 Extra children: `prepare` writes the model folder once (config.json + model.safetensors, under /tmp so the
@@ -37,8 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODES = ["resident", "flashmem", "accelerate_disk"]
-BUDGETED = {"flashmem"}
+MODES = ["resident", "flashmem", "flashmem_copy", "accelerate_disk"]
+BUDGETED = {"flashmem", "flashmem_copy"}
 
 
 def parse_args(argv=None):
@@ -94,12 +95,14 @@ def child_measure(args) -> dict:
 
     t_start = time.perf_counter()
     with torch.no_grad():
-        if args.mode == "flashmem":
+        if args.mode in ("flashmem", "flashmem_copy"):
             import flashmem
 
             load_s = 0.0  # nothing is loaded ahead: from_pretrained reads the file during set-up and calls
             sm = flashmem.from_pretrained(folder, args.budget, device="cpu", example_inputs=(ids,),
-                                          example_kwargs={"use_cache": False})
+                                          example_kwargs={"use_cache": False},
+                                          cpu_reads="copy" if args.mode == "flashmem_copy" else "auto")
+            row["cpu_reads"] = sm.cpu_reads
             call = lambda: sm(ids, use_cache=False).logits  # noqa: E731
             row["plan"] = sm.plan.summary(sm.program)
             row["plan_arena_bytes"] = sm.plan.arena_bytes

@@ -178,10 +178,10 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _accepts(factory, example, budget: int, device: str):
+def _accepts(factory, example, budget: int, device: str, **kwargs):
     """None if stream accepts `budget`, else the BudgetTooSmall it raised."""
     try:
-        sm = flashmem.stream(factory(), budget, device=device, example_inputs=(example,))
+        sm = flashmem.stream(factory(), budget, device=device, example_inputs=(example,), **kwargs)
     except flashmem.BudgetTooSmall as err:
         assert err.budget_bytes == budget
         assert err.need_bytes > budget, f"BudgetTooSmall asks for {err.need_bytes} B at a budget of {budget} B"
@@ -190,7 +190,7 @@ def _accepts(factory, example, budget: int, device: str):
     return None
 
 
-def minimum_budget(factory, example, device: str = "cpu", max_tries: int = 8) -> tuple[int, int]:
+def minimum_budget(factory, example, device: str = "cpu", max_tries: int = 8, **kwargs) -> tuple[int, int]:
     """(a budget close to the smallest flashmem accepts, a lower bound below which it refuses).
 
     Start at 1 byte and raise the budget to what each BudgetTooSmall error asks for (its need_bytes)
@@ -198,7 +198,7 @@ def minimum_budget(factory, example, device: str = "cpu", max_tries: int = 8) ->
     (64 B steps) for a smaller budget that still plans. Each try gets a fresh model from `factory`."""
     budget, lower = 1, None
     for _ in range(max_tries):
-        err = _accepts(factory, example, budget, device)
+        err = _accepts(factory, example, budget, device, **kwargs)
         if err is None:
             break
         lower = err.need_bytes if lower is None else lower
@@ -209,7 +209,7 @@ def minimum_budget(factory, example, device: str = "cpu", max_tries: int = 8) ->
     lo, hi = lower, budget  # hi plans
     while hi - lo > 64:
         mid = (lo + hi) // 2
-        if _accepts(factory, example, mid, device) is None:
+        if _accepts(factory, example, mid, device, **kwargs) is None:
             hi = mid
         else:
             lo = mid

@@ -17,7 +17,7 @@ DEBUG = flashmem.DebugOptions(poison=True, slow_copy_s=0.0005)
 def test_poisoned_and_slow_runtime_is_exact(kind, streams):
     x = make_input(kind)
     ref = resident(make_model(kind), x)
-    budget, _ = minimum_budget(functools.partial(make_model, kind), x)
+    budget, _ = minimum_budget(functools.partial(make_model, kind), x, debug=DEBUG)
     sm = streams(make_model(kind), budget, x, debug=DEBUG)
     assert sm.plan.loads
     for _ in range(3):
@@ -28,7 +28,7 @@ def test_poisoned_and_slow_runtime_is_exact(kind, streams):
 def test_a_missing_wait_is_caught_by_the_poison(streams):
     x = make_input("mlp")
     ref = resident(make_model("mlp"), x)
-    budget, _ = minimum_budget(functools.partial(make_model, "mlp"), x)
+    budget, _ = minimum_budget(functools.partial(make_model, "mlp"), x, debug=DEBUG)
     sm = streams(make_model("mlp"), budget, x, debug=DEBUG)
     with torch.no_grad():
         assert torch.equal(sm(x), ref)

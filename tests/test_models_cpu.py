@@ -6,6 +6,7 @@ keyword inputs; generate with a KV cache; calls that fail, stray from the trace,
 their weight file, or overlap from two threads."""
 from __future__ import annotations
 
+import functools
 import gc
 
 import pytest
@@ -56,7 +57,7 @@ def test_streamed_equals_resident(kind, which, cases, streams):
             assert torch.equal(out, ref)
     stats = sm.stats
     assert stats is not None and stats.streamed_bytes == plan.streamed_bytes
-    assert stats.peak_bytes >= plan.arena_bytes
+    assert stats.peak_bytes >= plan.resident_bytes
     if which in ("min", 0.35, 0.6):
         assert plan.loads, "a budget below the model's size must stream"
         assert plan.arena_bytes < case["nbytes"]
@@ -318,16 +319,18 @@ def test_more_signatures_than_the_plan_cache_holds(streams):
     assert len(sm._plans) == MAX_PLANS
 
 
-def test_storage_failure_surfaces_as_an_error(tmp_path):
+@pytest.mark.parametrize("cpu_reads", ["copy", "map"])
+def test_storage_failure_surfaces_as_an_error(tmp_path, cpu_reads):
     """A weight file cut short after from_pretrained: the call fails with a FlashmemError naming the
-    read (raised in the IO thread, surfaced in the caller), and does not hang."""
+    read (raised in the IO thread, surfaced in the caller; with mapped files, found before the call
+    touches a page), and does not hang."""
     import shutil
     import threading
 
     from conftest import save_folder
 
     folder = save_folder(make_model("llama"), tmp_path / "model")
-    sm = flashmem.from_pretrained(folder, "200KiB")
+    sm = flashmem.from_pretrained(folder, "200KiB", cpu_reads=cpu_reads)
     try:
         assert sm.plan.loads
         path = folder / "model.safetensors"
@@ -441,3 +444,67 @@ def test_overlapping_call_from_another_thread_is_refused_without_harm(streams):
     assert torch.equal(result["out"], ref)
     with torch.no_grad():
         assert torch.equal(sm(x), ref)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_mapped_files_stream_exactly_and_drop_their_pages(kind, streams):
+    """cpu_reads="map": weights are used where the mapped files hold them. At the smallest budget the
+    page footprints allow, outputs are exact, the plan budgets whole pages, and after each call the only
+    pages held are the residents' (every streamed page was dropped)."""
+    from flashmem.store import PAGE_BYTES
+
+    xs = [make_input(kind), make_input(kind, seed=2)]
+    refs = [resident(make_model(kind), x) for x in xs]
+    budget, _ = minimum_budget(functools.partial(make_model, kind), xs[0], cpu_reads="map")
+    sm = streams(make_model(kind), budget, xs[0], cpu_reads="map")
+    plan, files = sm.plan, sm._files
+    assert sm.cpu_reads == "map" and files is not None
+    assert plan.loads and plan.total_bytes <= budget
+    assert all(load.nbytes % PAGE_BYTES == 0 for load in plan.loads)
+    resident_pages = sum(files.span_bytes(r.weight) for r in plan.residents) // PAGE_BYTES
+    for _ in range(2):
+        for x, ref in zip(xs, refs):
+            with torch.no_grad():
+                assert torch.equal(out_of(sm(x)), ref)
+            assert files.held_pages() <= resident_pages
+            assert sm.stats.streamed_bytes == plan.streamed_bytes
+
+
+def test_auto_maps_large_tensors_and_copies_small_ones(streams):
+    """"auto" copies where rounding to pages would cost over 1% (a model of tiny tensors) and maps a
+    model of large tensors."""
+    x = make_input("mlp")
+    sm = streams(make_model("mlp"), "4MiB", x)
+    assert sm.cpu_reads == "copy" and sm._files is None
+    big = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512)).eval()
+    xb = torch.randn(3, 512)
+    ref = resident(big, xb)
+    sm = streams(big, "1.2MiB", xb)
+    assert sm.cpu_reads == "map" and sm.plan.loads
+    with torch.no_grad():
+        assert torch.equal(sm(xb), ref)
+
+
+def test_a_mapped_read_past_the_end_of_a_truncated_file_raises(tmp_path):
+    """Bringing in pages that a truncated file no longer has raises FlashmemError (MADV_POPULATE_READ
+    reports what would otherwise be a SIGBUS at the first read); nothing reads the missing pages."""
+    from safetensors.torch import save_file
+
+    from flashmem.files import read_header
+    from flashmem.store import FileStore, MappedFiles
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(4096), "b": torch.ones(65536)}, str(path))
+    header = read_header(path)
+    store = FileStore([header["a"], header["b"]])
+    files = MappedFiles(store)
+    files.hold(1)
+    files.unhold(1)
+    with open(path, "r+b") as f:
+        f.truncate(header["b"].offset_bytes + 4096)
+    with pytest.raises(flashmem.FlashmemError, match="truncated"):
+        files.check_unchanged()
+    if files.populate:  # kernels without MADV_POPULATE_READ fault pages in on use only
+        with pytest.raises(flashmem.FlashmemError, match="truncated or the storage failed"):
+            files.hold(1)
+    store.close()

@@ -56,13 +56,14 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                     example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, planner: str = "simple",
                     cache_dir: str | Path | None = None, allow_pickle: bool = False,
-                    debug=None) -> StreamedModel:
+                    debug=None, cpu_reads: str = "auto") -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
     floating dtype. A model folder is untrusted input: `trust_remote_code` stays off unless you turn it on,
     and pickle checkpoints (.bin, .pt) are refused unless `allow_pickle=True`, which loads them with
     `torch.load(weights_only=True)` into a safetensors copy under ~/.cache/flashmem/converted.
+    `cpu_reads` is as for `flashmem.stream`.
     """
     path = Path(path)
     if allow_pickle and not list(path.glob("*.safetensors")) and pickle_checkpoints(path):
@@ -107,4 +108,4 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
         return FileStore.spill(found, [w.name for w in mw.weights])
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
-                 cache_dir=cache_dir, eager_store=True, debug=debug)
+                 cache_dir=cache_dir, eager_store=True, debug=debug, cpu_reads=cpu_reads)

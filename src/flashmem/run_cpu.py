@@ -1,8 +1,13 @@
-"""The CPU mover: an IO thread reads weights from safetensors files into the RAM arena, ahead of compute.
+"""The CPU movers: an IO thread brings weights from safetensors files into RAM, ahead of compute.
 
 The thread takes the plan's loads in order; before each it waits until compute has released the load
-that last held those bytes, then `pread`s the weight (the GIL is released during the read, so it
-overlaps compute). Compute waits only for the loads an op uses first.
+that last held those bytes, then brings the weight in (the GIL is released meanwhile, so it overlaps
+compute). Compute waits only for the loads an op uses first.
+
+- `MapMover` (the default): the files are mapped; a load faults the weight's pages in from the page
+  cache (MADV_POPULATE_READ) and a release drops them, so compute reads the page cache's own pages and
+  nothing is copied. Only which pages are resident, not what a weight reads, depends on the thread.
+- `CpuMover`: a load `pread`s the weight into its region of a RAM arena (the debug poison runs on it).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 from .errors import FlashmemError
 from .plan import Plan, previous_holders
 from .run import CallStats, DebugOptions
-from .store import FileStore
+from .store import FileStore, MappedFiles
 
 
 def status_bytes(field: str) -> int:
@@ -101,15 +106,24 @@ class CpuMover:
                     self.cond.wait()
                 if self.abort:
                     return
-            view = memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes])
             if self.debug.slow_copy_s:
                 time.sleep(self.debug.slow_copy_s)
             began = time.perf_counter()
-            self.store.read_into_view(load.weight, view)
+            self._load(j)
             self.load_times[j] = (began, time.perf_counter())
             with self.cond:
                 self.loaded = j + 1
                 self.cond.notify_all()
+
+    def _load(self, j: int) -> None:
+        load = self.plan.loads[j]
+        self.store.read_into_view(load.weight, memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes]))
+
+    def _drop(self, loads: tuple[int, ...]) -> None:
+        if self.debug.poison:
+            for j in loads:
+                load = self.plan.loads[j]
+                self.arena[load.offset_bytes:load.offset_bytes + load.nbytes].fill_(255)
 
     # -- a call --------------------------------------------------------------------------------------
     def begin_call(self) -> None:
@@ -137,9 +151,7 @@ class CpuMover:
     def wait(self, loads: tuple[int, ...], op: int) -> None:
         t0 = time.perf_counter()
         for j in self.pending:
-            load = self.plan.loads[j]
-            view = memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes])
-            self.store.read_into_view(load.weight, view)
+            self._load(j)
             self.loaded = j + 1
         self.pending.clear()
         need = max(loads) + 1 if loads else 0
@@ -155,10 +167,7 @@ class CpuMover:
         self.marks.append((op, t0, t1))
 
     def release(self, loads: tuple[int, ...]) -> None:
-        if self.debug.poison:
-            for j in loads:
-                load = self.plan.loads[j]
-                self.arena[load.offset_bytes:load.offset_bytes + load.nbytes].fill_(255)
+        self._drop(loads)
         with self.cond:
             for j in loads:
                 self.released[j] = True
@@ -168,10 +177,14 @@ class CpuMover:
         self.wall_end = time.perf_counter()
         wall = self.wall_end - self.wall_start
         growth = max(peak_rss_bytes() - self.rss_start, 0)
-        held = self.plan.arena_bytes
+        held = self._held_bytes()
         streamed = self.plan.streamed_bytes
         self._drain()
         self._stats = CallStats(peak_bytes=held + growth, streamed_bytes=streamed, wall_s=wall, stall_s=self.stall)
+
+    def _held_bytes(self) -> int:
+        """Bytes the call held before it began (RSS growth measures the rest): the arena."""
+        return self.plan.arena_bytes
 
     def abort_call(self) -> None:
         with self.cond:
@@ -210,3 +223,36 @@ class CpuMover:
             self.cond.notify_all()
         if self.thread.is_alive():
             self.thread.join(timeout=5)
+
+
+class MapMover(CpuMover):
+    """Loads fault a weight's pages of the mapped files in; releases drop them (see the module's doc)."""
+
+    def __init__(self, plan: Plan, files: MappedFiles, debug: DebugOptions = DebugOptions()):
+        self.files = files
+        super().__init__(plan, files.store, torch.empty(0, dtype=torch.uint8), debug)
+
+    def _load(self, j: int) -> None:
+        self.files.hold(self.plan.loads[j].weight)
+
+    def _drop(self, loads: tuple[int, ...]) -> None:
+        for j in loads:
+            self.files.unhold(self.plan.loads[j].weight)
+
+    def _held_bytes(self) -> int:
+        return self.plan.resident_bytes  # populated before the call; the streamed pages show in RSS growth
+
+    def begin_call(self) -> None:
+        self.files.check_unchanged()
+        super().begin_call()
+
+    def abort_call(self) -> None:
+        super().abort_call()
+        self._drop_unreleased()
+
+    def _drop_unreleased(self) -> None:
+        """After a failed call: drop what the loads brought in and compute never released."""
+        for j in range(min(self.loaded, len(self.plan.loads))):
+            if not self.released[j]:
+                self.released[j] = True
+                self.files.unhold(self.plan.loads[j].weight)

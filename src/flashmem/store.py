@@ -3,15 +3,21 @@
 - `HostStore` (CUDA): every weight once, in one exact-size host buffer registered with CUDA as pinned
   memory (PyTorch's pinned allocator would round a 5.6 GB request up to 8 GB).
 - `FileStore` (CPU): every weight in safetensors files on storage, read with `pread` into the RAM arena.
+- `MappedFiles` (CPU): the same files mapped copy-on-write, so a weight is used where the page cache holds
+  it, without a copy; it is brought in (`hold`) and dropped (`unhold`) page by page.
 
-Both offer `read_into(weight, dst)`, a synchronous copy used by the trace and for resident weights.
+Both stores offer `read_into(weight, dst)`, a synchronous copy used by the trace and for resident weights.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import tempfile
+import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import FlashmemError
@@ -125,3 +131,118 @@ class FileStore:
             self.close()
         except Exception:
             pass
+
+
+PAGE_BYTES = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault pages in now; fails (EFAULT) where a read would raise SIGBUS
+_libc = ctypes.CDLL(None, use_errno=True)  # ctypes releases the GIL around each call
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.restype = ctypes.c_int
+
+
+class MappedFiles:
+    """The files of a `FileStore`, mapped copy-on-write (a weight is a view of the page cache's pages; a
+    write to one would stay private), with the pages each weight spans counted, so that a page is dropped
+    from the process (MADV_DONTNEED) once no held weight spans it, and RSS follows the plan's budget.
+
+    `hold(weight)` makes its pages resident (MADV_POPULATE_READ, on the caller's thread, the GIL released);
+    `unhold(weight)` drops the pages no other held weight spans. A weight used while not held is still
+    correct: the kernel faults its pages in. A file changed on storage after it was mapped is refused by
+    `check_unchanged`, before a call touches it.
+    """
+
+    def __init__(self, store: FileStore):
+        self.store = store
+        self._bases: dict[str, torch.Tensor] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}
+        self._counts: dict[str, np.ndarray] = {}
+        for path, fd in store._fds.items():
+            st = os.fstat(fd)
+            self._stamps[path] = (st.st_size, st.st_mtime_ns)
+            if st.st_size == 0:
+                continue
+            mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._bases[path] = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive
+            self._counts[path] = np.zeros((st.st_size + PAGE_BYTES - 1) // PAGE_BYTES, dtype=np.int32)
+        self._lock = threading.Lock()
+        self.populate = True  # False where the kernel lacks MADV_POPULATE_READ: pages fault in on use
+        self.spans = [self._span(loc) for loc in store.locations]
+
+    def _span(self, loc: TensorLocation) -> tuple[int, int]:
+        first = loc.offset_bytes // PAGE_BYTES
+        last = (loc.offset_bytes + max(loc.nbytes, 1) - 1) // PAGE_BYTES
+        return first, last + 1
+
+    def span_bytes(self, weight: int) -> int:
+        """Bytes of the pages weight `weight` touches: what holding it costs in RAM."""
+        first, end = self.spans[weight]
+        return (end - first) * PAGE_BYTES
+
+    def view(self, weight: int) -> torch.Tensor:
+        """The weight's bytes, as a uint8 view of the mapping."""
+        loc = self.store.locations[weight]
+        return self._bases[loc.path][loc.offset_bytes:loc.offset_bytes + loc.nbytes]
+
+    def _madvise(self, path: str, first: int, end: int, advice: int) -> int:
+        addr = self._bases[path].data_ptr() + first * PAGE_BYTES
+        length = min((end - first) * PAGE_BYTES, self._stamps[path][0] - first * PAGE_BYTES)
+        if _libc.madvise(addr, length, advice) == 0:
+            return 0
+        return ctypes.get_errno()
+
+    def hold(self, weight: int) -> None:
+        loc = self.store.locations[weight]
+        if loc.nbytes == 0:
+            return
+        first, end = self.spans[weight]
+        with self._lock:
+            self._counts[loc.path][first:end] += 1
+        if self.populate:
+            err = self._madvise(loc.path, first, end, _MADV_POPULATE_READ)
+            if err == 22:  # EINVAL: an older kernel; ask for read-ahead and let pages fault in on use
+                self.populate = False
+                self._madvise(loc.path, first, end, _MADV_WILLNEED)
+            elif err:
+                raise FlashmemError(f"reading {fmt_bytes(loc.nbytes)} at byte {loc.offset_bytes} of {loc.path} "
+                                    f"failed ({os.strerror(err)}); the file was truncated or the storage "
+                                    f"failed; check the file and load the model again")
+        else:
+            self._madvise(loc.path, first, end, _MADV_WILLNEED)
+
+    def unhold(self, weight: int) -> None:
+        loc = self.store.locations[weight]
+        if loc.nbytes == 0:
+            return
+        first, end = self.spans[weight]
+        with self._lock:
+            counts = self._counts[loc.path]
+            counts[first:end] -= 1
+            free = counts[first:end] == 0
+            if free.all():
+                self._madvise(loc.path, first, end, _MADV_DONTNEED)
+                return
+            # drop each run of pages no held weight spans (the shared first or last page may stay)
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], free.view(np.int8), [0]))))
+            for a, b in zip(edges[::2], edges[1::2]):
+                self._madvise(loc.path, first + int(a), first + int(b), _MADV_DONTNEED)
+
+    def held_pages(self) -> int:
+        return int(sum((c > 0).sum() for c in self._counts.values()))
+
+    def check_unchanged(self) -> None:
+        for path, fd in self.store._fds.items():
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self._stamps[path]:
+                was = self._stamps[path][0]
+                how = "was truncated" if st.st_size < was else "changed"
+                raise FlashmemError(f"{path} {how} on storage while flashmem streams from it (it was {was} "
+                                    f"bytes, now {st.st_size}); restore the file and load the model again")
+
+    def release_all(self) -> None:
+        """Drop every page and forget the holds (the views stay valid; pages fault back in if used)."""
+        with self._lock:
+            for path, counts in self._counts.items():
+                counts[:] = 0
+                self._madvise(path, 0, len(counts), _MADV_DONTNEED)

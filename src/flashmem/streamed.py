@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from collections import OrderedDict
 from typing import Any
@@ -22,17 +23,19 @@ from .check import check_plan
 from .errors import BudgetTooSmall, FlashmemError
 from .plan import Plan, simple_plan
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
-from .run_cpu import CpuMover
+from .run_cpu import CpuMover, MapMover
 from .run_cuda import CudaMover
-from .store import FileStore, HostStore, as_bytes
+from .store import FileStore, HostStore, MappedFiles, as_bytes
 from .trace import (ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature, module_names,
-                    placeholder, set_slots)
+                    placeholder, set_slots, typed_view)
 from .units import align_up, fmt_bytes, parse_bytes
 
 CUDA_ALIGNMENT = 512  # bytes; like PyTorch's allocator, so kernels see the same alignment as resident
 CPU_ALIGNMENT = 64
 CUDA_GRANULARITY = 2 * 2**20  # the caching allocator rounds large blocks to 2 MiB
 MAX_PLANS = 8
+CPU_READS = ("auto", "map", "copy")
+MAP_PAGE_OVERHEAD = 0.01  # "auto" maps the files unless rounding weights to pages costs more than this
 
 
 def activation_reserve(measured_bytes: int) -> int:
@@ -47,7 +50,7 @@ class StreamedModel:
     """A model whose weights stream into a fixed device arena during each call, within a budget."""
 
     def __init__(self, model: nn.Module, mw: ModelWeights, make_store, originals: list[torch.Tensor],
-                 device: torch.device, budget_bytes: int, buffer_bytes: int):
+                 device: torch.device, budget_bytes: int, buffer_bytes: int, cpu_reads: str = "auto"):
         self.model = model
         self.device = device
         self.budget_bytes = budget_bytes
@@ -75,7 +78,14 @@ class StreamedModel:
         self._hooks: list = []
         self.costs = None  # the cost model of the last use_solver()
         self.debug = DebugOptions()
+        self.cpu_reads = cpu_reads  # as asked; "auto" is settled by the first plan
+        self._files: MappedFiles | None = None
         self._set_all(lambda w: self._placeholders[w])
+
+    @property
+    def _mapped(self) -> bool:
+        """Weights are used in place in the mapped files (the CPU's default; the debug poison needs copies)."""
+        return self.device.type == "cpu" and self.cpu_reads in ("auto", "map") and not self.debug.poison
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _set_all(self, value_for) -> None:
@@ -100,7 +110,7 @@ class StreamedModel:
         """Make this call a traced one: weights load on demand, into a scratch buffer the first time (on
         the CPU the arena itself, at the budget's size, so RAM never holds both), into the arena's ring
         afterwards (resident weights stay where they are)."""
-        if self._arena is None:
+        if self._arena_residents is None:  # nothing in place yet
             if self.device.type == "cpu":
                 self._arena = torch.zeros(self.budget_bytes // self._alignment * self._alignment, dtype=torch.uint8)
                 scratch = self._arena
@@ -108,8 +118,12 @@ class StreamedModel:
                 scratch = torch.zeros(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
             resident: dict[int, torch.Tensor] = {}
         else:
-            scratch = self._arena[self.plan.resident_bytes:] if self._arena_residents is not None else self._arena
             resident = self._resident_views
+            if self._arena is not None:
+                scratch = self._arena[self.plan.resident_bytes:]
+            else:  # mapped: the residents' pages are held; the rest of the budget is the scratch
+                scratch = torch.zeros((self.budget_bytes - self.plan.resident_bytes) // self._alignment
+                                      * self._alignment, dtype=torch.uint8)
         loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, resident)
         self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature)
         self._tracer.start()
@@ -119,13 +133,39 @@ class StreamedModel:
         if failed:
             tracer.abort()
             return
-        program = tracer.finish()
+        program = self._footprints(tracer.finish())
         del tracer
         plan = self._plan(program)
         self._plans[program.signature] = (program, plan)
         if len(self._plans) > MAX_PLANS:
             self._plans.popitem(last=False)
         self._activate(program, plan)
+
+    def _ensure_store(self) -> None:
+        if self._store is None:
+            self._store = self._make_store()
+            self._make_store = None
+
+    def _footprints(self, program: Program) -> Program:
+        """On mapped files a weight costs the pages it touches: the program the plan budgets. Settles
+        "auto": mapped unless pages would cost more than MAP_PAGE_OVERHEAD of the weights' bytes (a model
+        of small tensors, which copying serves as well)."""
+        if not self._mapped:
+            return program
+        self._ensure_store()
+        if self._files is None:
+            self._files = MappedFiles(self._store)
+        spans = [self._files.span_bytes(w.index) for w in program.weights]
+        if self.cpu_reads == "auto":
+            total = sum(w.nbytes for w in program.weights)
+            self.cpu_reads = "map" if sum(spans) <= total * (1 + MAP_PAGE_OVERHEAD) else "copy"
+            if self.cpu_reads == "copy":
+                self._files = None
+                return program
+        if all(s == w.nbytes for s, w in zip(spans, program.weights)):
+            return program
+        weights = tuple(replace(w, nbytes=s) for w, s in zip(program.weights, spans))
+        return replace(program, weights=weights)
 
     def _plan(self, program: Program) -> Plan:
         cuda = self.device.type == "cuda"
@@ -148,13 +188,15 @@ class StreamedModel:
         """Make `plan` the one in use: arena of its size, its residents in place, its executor (kept per
         input signature while the arena's layout of residents stays the same)."""
         cached = self._executors.get(program.signature)
-        if cached is not None and cached.plan is plan and self._arena_residents == plan.residents \
-                and self._arena is not None and self._arena.numel() == plan.arena_bytes:
+        arena_ok = self._mapped or (self._arena is not None and self._arena.numel() == plan.arena_bytes)
+        if cached is not None and cached.plan is plan and self._arena_residents == plan.residents and arena_ok:
             self._executor, self._signature, self._current = cached, program.signature, (program, plan)
             return
-        if self._store is None:
-            self._store = self._make_store()
-            self._make_store, self._originals = None, None
+        self._ensure_store()
+        self._originals = None
+        if self._mapped:
+            self._activate_mapped(program, plan)
+            return
         arena_fits = self._arena is not None and self._arena.numel() == plan.arena_bytes
         same_residents = arena_fits and self._arena_residents == plan.residents
         if not same_residents:
@@ -180,11 +222,34 @@ class StreamedModel:
         if not same_residents:
             self._resident_views = resident_views
             self._set_all(lambda w: self._resident_views.get(w, self._placeholders[w]))
-        steps = build_steps(self.model, program, plan, load_views, self._placeholders)
         if self.device.type == "cuda":
             mover = CudaMover(plan, self._store, self._arena, self.device, debug=self.debug)
         else:
             mover = CpuMover(plan, self._store, self._arena, debug=self.debug)
+        self._install_executor(program, plan, load_views, mover)
+
+    def _activate_mapped(self, program: Program, plan: Plan) -> None:
+        """`_activate` on mapped files: residents are held (their pages stay), loads are views of the files."""
+        files = self._files
+        weights = self._mw.weights
+        if self._arena_residents != plan.residents:
+            self._close_executors()
+            self._set_all(lambda w: self._placeholders[w])
+            for r in self._arena_residents or ():
+                files.unhold(r.weight)
+            self._arena = None  # the trace's scratch
+            self._arena_residents = None
+            for r in plan.residents:
+                files.hold(r.weight)
+            self._arena_residents = plan.residents
+            self._resident_views = {r.weight: typed_view(files.view(r.weight), weights[r.weight])
+                                    for r in plan.residents}
+            self._set_all(lambda w: self._resident_views.get(w, self._placeholders[w]))
+        load_views = [typed_view(files.view(load.weight), weights[load.weight]) for load in plan.loads]
+        self._install_executor(program, plan, load_views, MapMover(plan, files, debug=self.debug))
+
+    def _install_executor(self, program: Program, plan: Plan, load_views: list[torch.Tensor], mover) -> None:
+        steps = build_steps(self.model, program, plan, load_views, self._placeholders)
         old = self._executors.pop(program.signature, None)
         if old is not None and getattr(old.mover, "close", None):
             old.mover.close()
@@ -328,6 +393,9 @@ class StreamedModel:
         self._hooks = []
         self._close_executors()
         self._arena = None
+        if self._files is not None:
+            self._files.release_all()
+            self._files = None
         if self._store is not None:
             self._store.close()
 
@@ -354,7 +422,7 @@ def default_cache_dir() -> Path:
 
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
           planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False,
-          debug: DebugOptions | None = None) -> StreamedModel:
+          debug: DebugOptions | None = None, cpu_reads: str = "auto") -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device)` makes the weight store, once
     the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
     built on the meta device has no tensors to read)."""
@@ -362,6 +430,8 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     budget_bytes = parse_bytes(budget)
     if planner not in PLANNERS:
         raise FlashmemError(f"planner {planner!r} is not one of {', '.join(PLANNERS)}")
+    if cpu_reads not in CPU_READS:
+        raise FlashmemError(f"cpu_reads {cpu_reads!r} is not one of {', '.join(CPU_READS)}")
     model.eval()
     alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
     mw, tensors = collect_weights(model, alignment)
@@ -370,7 +440,7 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     buffer_bytes = 0  # buffers stream like parameters
     _static_check(mw, budget_bytes, buffer_bytes)
     streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device), tensors, device, budget_bytes,
-                             buffer_bytes)
+                             buffer_bytes, cpu_reads)
     if debug is not None:
         streamed.debug = debug
     if eager_store:
@@ -405,7 +475,8 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
            example_kwargs: dict | None = None, planner: str = "simple",
-           cache_dir: str | Path | None = None, debug: DebugOptions | None = None) -> StreamedModel:
+           cache_dir: str | Path | None = None, debug: DebugOptions | None = None,
+           cpu_reads: str = "auto") -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
@@ -414,6 +485,9 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     the model on the device, then plan with CP-SAT to minimise the predicted latency; the plan is
     cached in `cache_dir`, by default $FLASHMEM_CACHE/plans or ~/.cache/flashmem/plans).
     debug: `flashmem.DebugOptions` to poison released weight bytes or slow copies down (runtime checks).
+    cpu_reads: on the CPU, "map" (use the weights where the page cache holds them, faulting pages in
+    ahead of compute and dropping them after: no copies; each weight costs the 4 KiB pages it touches),
+    "copy" (`pread` them into a RAM arena), or "auto" (map, unless pages would cost over 1% more bytes).
 
     Outputs are bit-identical to the model run with all weights resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
@@ -424,4 +498,4 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     True
     """
     return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
-                 planner=planner, cache_dir=cache_dir, debug=debug)
+                 planner=planner, cache_dir=cache_dir, debug=debug, cpu_reads=cpu_reads)
