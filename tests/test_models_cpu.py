@@ -208,37 +208,6 @@ def test_a_failing_call_leaves_the_model_usable(cases, streams):
             assert torch.equal(out_of(sm(x)), ref)
 
 
-class Branchy(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(8, 8)
-        self.b = torch.nn.Linear(8, 8)
-        self.c = torch.nn.Linear(8, 8)
-
-    def forward(self, x):
-        x = self.a(x)
-        if x.sum() > 0:  # control flow on values: the trace sees one branch only
-            x = self.b(x)
-        return self.c(x)
-
-
-def test_control_flow_off_the_trace_is_a_trace_mismatch(streams):
-    torch.manual_seed(0)
-    model = Branchy().eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        xs = [torch.randn(2, 8, generator=g) for _ in range(40)]
-        pos = next(x for x in xs if model.a(x).sum() > 0)
-        neg = next(x for x in xs if model.a(x).sum() <= 0)
-    ref = resident(model, pos)
-    sm = streams(model, 600, pos)
-    assert sm.plan.loads
-    with pytest.raises(flashmem.TraceMismatch, match="control flow"):
-        sm(neg)
-    with torch.no_grad():
-        assert torch.equal(sm(pos), ref)
-
-
 def test_a_submodule_called_alone_is_refused(cases, streams):
     case = cases["mlp"]
     model = make_model("mlp")

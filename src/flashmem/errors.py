@@ -32,5 +32,10 @@ class TraceMismatch(FlashmemError):
     """The model ran ops in another order than the traced one, so the plan does not apply."""
 
 
+class ControlFlowWarning(UserWarning):
+    """A call ran its ops in another order than the traced one (a data-dependent branch, expert routing):
+    flashmem completed it correctly by loading the rest of its weights on demand, without prefetching."""
+
+
 class PlanInvalid(FlashmemError):
     """A plan failed the independent checker; it is never executed."""

@@ -111,13 +111,41 @@ class Executor:
         self.cursor = 0
         self.entered: list[int] = []
         self.profiling = False  # time every op, not only those that wait for loads
+        # Called as on_diverge(op, module) when the model leaves the traced order (module None: the
+        # forward ended early); it takes over the rest of the call. Without it, TraceMismatch is raised.
+        self.on_diverge = None
+        self.diverged = False
 
     def begin(self) -> None:
         self.cursor = 0
         self.entered.clear()
+        self.diverged = False
         self.mover.begin_call()
 
+    def held_loads(self) -> frozenset[int]:
+        """The loads whose bytes the ops now running may still read."""
+        return frozenset(j for i in self.entered for j, load in enumerate(self.plan.loads)
+                         if load.first_use <= i <= load.last_use)
+
+    def diverge(self, op: int, module) -> None:
+        """Leave the plan for the rest of this call: the pipeline stops (what the running ops hold stays)
+        and `on_diverge` loads the rest on demand."""
+        self.diverged = True
+        self.mover.abort_call(keep=self.held_loads())
+        self.on_diverge(op, module)
+
     def end(self, failed: bool) -> None:
+        if self.diverged:
+            self._unbind_all()
+            self.diverged = False
+            if not failed:
+                self.mover.end_call()
+            return
+        if not failed and not self.entered and self.cursor != len(self.op_modules) and self.on_diverge:
+            self.diverge(self.cursor, None)  # the forward ended early: every op that ran had its weights
+            self.diverged = False
+            self.mover.end_call()
+            return
         if self.entered or (self.cursor != len(self.op_modules) and not failed):
             ran = self.cursor
             self._unbind_all()
@@ -140,6 +168,11 @@ class Executor:
 
     def pre_hook(self, module, _args):
         i = self.cursor
+        if self.diverged:
+            raise FlashmemError("internal: a diverged call reached the plan's hooks")
+        if (i >= len(self.op_modules) or self.op_modules[i] is not module) and self.on_diverge is not None:
+            self.diverge(i, module)
+            return
         if i >= len(self.op_modules) or self.op_modules[i] is not module:
             expected = self.program.ops[i].module if i < len(self.op_modules) else "the end of the forward"
             raise TraceMismatch(f"op {i}: the model called a module other than the traced one (expected "

@@ -186,7 +186,8 @@ class CpuMover:
         """Bytes the call held before it began (RSS growth measures the rest): the arena."""
         return self.plan.arena_bytes
 
-    def abort_call(self) -> None:
+    def abort_call(self, keep: frozenset[int] = frozenset()) -> None:
+        """Stop the call's loads (the IO thread gives up on those not begun); `keep`: loads still read."""
         with self.cond:
             self.abort = True
             self.cond.notify_all()
@@ -237,7 +238,8 @@ class MapMover(CpuMover):
 
     def _drop(self, loads: tuple[int, ...]) -> None:
         for j in loads:
-            self.files.unhold(self.plan.loads[j].weight)
+            if j < self.loaded and not self.released[j]:  # after an abort, some were dropped already
+                self.files.unhold(self.plan.loads[j].weight)
 
     def _held_bytes(self) -> int:
         return self.plan.resident_bytes  # populated before the call; the streamed pages show in RSS growth
@@ -246,13 +248,13 @@ class MapMover(CpuMover):
         self.files.check_unchanged()
         super().begin_call()
 
-    def abort_call(self) -> None:
-        super().abort_call()
-        self._drop_unreleased()
+    def abort_call(self, keep: frozenset[int] = frozenset()) -> None:
+        super().abort_call(keep)
+        self._drop_unreleased(keep)
 
-    def _drop_unreleased(self) -> None:
-        """After a failed call: drop what the loads brought in and compute never released."""
+    def _drop_unreleased(self, keep: frozenset[int]) -> None:
+        """After an abort: drop what the loads brought in and compute never released, except `keep`."""
         for j in range(min(self.loaded, len(self.plan.loads))):
-            if not self.released[j]:
+            if not self.released[j] and j not in keep:
                 self.released[j] = True
                 self.files.unhold(self.plan.loads[j].weight)

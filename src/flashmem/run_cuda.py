@@ -141,7 +141,8 @@ class CudaMover:
         activations = torch.cuda.max_memory_allocated(self.device) - self.alloc_start
         self._pending = (held + max(activations, 0), self.streamed)
 
-    def abort_call(self) -> None:
+    def abort_call(self, keep: frozenset[int] = frozenset()) -> None:
+        # `keep` needs nothing here: issued copies never overwrite bytes that running ops still read.
         # Nothing may overwrite the arena before what was issued has finished; the next call's copies
         # already wait on the compute stream, and the compute stream waits for issued copies here.
         ev = torch.cuda.Event()

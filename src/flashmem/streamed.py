@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from collections import OrderedDict
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .check import check_plan
-from .errors import BudgetTooSmall, FlashmemError
+from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
 from .plan import Plan, simple_plan
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
@@ -71,6 +72,8 @@ class StreamedModel:
         self._executors: dict[str, Executor] = {}  # per input signature, for the arena as it is
         self._signature: str | None = None
         self._tracer: Tracer | None = None
+        self._on_demand: Tracer | None = None  # the rest of a call that left the traced order
+        self._evicted: tuple[int, ...] = ()  # residents whose bytes that call reuses
         self._names = module_names(model)
         self._active = False
         self._active_thread: int | None = None
@@ -254,6 +257,7 @@ class StreamedModel:
         if old is not None and getattr(old.mover, "close", None):
             old.mover.close()
         self._executor = Executor(self.model, program, plan, mover, steps)
+        self._executor.on_diverge = self._diverge
         self._executors[program.signature] = self._executor
         while len(self._executors) > MAX_PLANS:
             first = next(iter(self._executors))
@@ -275,6 +279,83 @@ class StreamedModel:
             self._plans.move_to_end(signature)
             self._activate(*cached)
 
+    # -- a call that leaves the traced order ------------------------------------------------------------
+    def _diverge(self, op: int, module) -> None:
+        """The model called `module` where the plan has op `op` (None: its forward ended there). The
+        executor has stopped the pipeline; the rest of the call loads each op's weights on demand, in stack
+        order, into the bytes of the budget that neither the residents nor the running ops hold."""
+        program, plan = self._current
+        expected = program.ops[op].module if op < len(program.ops) else "the end of the forward"
+        called = "the end of the forward" if module is None else repr(self._names.get(id(module), "?"))
+        rest = ("" if module is None else "; the rest of this call loads its weights on demand, without "
+                "prefetching, so it runs slower")
+        warnings.warn(ControlFlowWarning(
+            f"op {op} of {len(program.ops)}: the model reached {called} where the trace has {expected!r} (its "
+            f"control flow depends on the input's values){rest}. Outputs stay exact."), stacklevel=2)
+        if module is None:
+            return
+        scratch, evicted = self._make_room(program, plan)
+        for w in evicted:  # their bytes are reused: an op that needs one loads it like any other weight
+            set_slots(self.model, self._mw.weights[w], self._placeholders[w])
+        self._evicted = evicted
+        kept = {w: v for w, v in self._resident_views.items() if w not in evicted}
+        loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, kept,
+                               fix="the budget's free bytes cannot hold it while the call is off the traced "
+                                   "order; raise the budget, or trace with an input that takes this path")
+        self._on_demand = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, "on-demand")
+        self._on_demand.watch_foreign_uses()
+        self._on_demand.enter(self._names[id(module)])
+
+    def _make_room(self, program: Program, plan: Plan) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """Scratch buffers for on-demand loads, within the budget, and the residents given up for them: all
+        but what the running ops hold (their loads and the residents they use) may be reused (the largest
+        such gap of the arena, and the budget beyond the arena); the residents are put back at the end."""
+        executor = self._executor
+        held = executor.held_loads()
+        in_use = {w for i in executor.entered for w in program.ops[i].weights}
+        if self._arena is None:  # mapped files: drop the residents' pages; RAM then holds only what is in use
+            evicted = tuple(r.weight for r in plan.residents if r.weight not in in_use)
+            for w in evicted:
+                self._files.unhold(w)
+            used = sum(r.nbytes for r in plan.residents if r.weight in in_use) + sum(plan.loads[j].nbytes
+                                                                                    for j in held)
+            free = max(self.budget_bytes - used, 0) // self._alignment * self._alignment
+            return [torch.empty(free, dtype=torch.uint8)], evicted
+        busy = [(plan.loads[j].offset_bytes, plan.loads[j].offset_bytes + align_up(plan.loads[j].nbytes,
+                                                                                     plan.alignment)) for j in held]
+        busy += [(r.offset_bytes, r.offset_bytes + align_up(r.nbytes, plan.alignment))
+                 for r in plan.residents if r.weight in in_use]
+        size, offset, start = 0, 0, 0
+        for begin, end in sorted(busy) + [(plan.arena_bytes, plan.arena_bytes)]:
+            if begin - start > size:
+                size, offset = begin - start, start
+            start = max(start, end)
+        beyond = self.budget_bytes - plan.activation_bytes - plan.buffer_bytes - plan.arena_bytes
+        beyond = max(beyond, 0) // self._alignment * self._alignment
+        evicted = tuple(r.weight for r in plan.residents
+                        if r.offset_bytes < offset + size and offset < r.offset_bytes + r.nbytes)
+        buffers = [self._arena[offset:offset + size]]
+        if beyond > 0:
+            buffers.append(torch.empty(beyond, dtype=torch.uint8, device=self.device))
+        return buffers, evicted
+
+    def _end_on_demand(self) -> None:
+        tracer, self._on_demand = self._on_demand, None
+        if tracer is None:
+            return
+        tracer.abort()  # leaves the function mode, unloads what a failed call left entered
+        del tracer
+        plan = self.plan
+        offsets = {r.weight: r.offset_bytes for r in plan.residents}
+        for w in self._evicted:
+            if self._arena is None:
+                self._files.hold(w)
+            else:
+                n = self._mw.weights[w].nbytes
+                self._store.read_into(w, self._arena[offsets[w]:offsets[w] + n])
+            set_slots(self.model, self._mw.weights[w], self._resident_views[w])
+        self._evicted = ()
+
     # -- hooks ---------------------------------------------------------------------------------------
     def _to_device(self, x: Any) -> Any:
         return x.to(self.device) if isinstance(x, torch.Tensor) and x.device != self.device else x
@@ -289,6 +370,7 @@ class StreamedModel:
             self._active, self._active_thread = True, me
         try:
             if stale:
+                self._end_on_demand()
                 self._executor.end(failed=True)
             if self._tracer is not None:
                 self._finish_trace(failed=True)
@@ -309,6 +391,7 @@ class StreamedModel:
         if self._tracer is not None:
             self._finish_trace(failed)
         else:
+            self._end_on_demand()
             self._executor.end(failed)
         return None
 
@@ -318,6 +401,8 @@ class StreamedModel:
                                 "model (or the StreamedModel), whose hooks put the weights in place")
         if self._tracer is not None:
             self._tracer.enter(self._names[id(module)])
+        elif self._on_demand is not None:
+            self._on_demand.enter(self._names[id(module)])
         else:
             self._executor.pre_hook(module, args)
         return None
@@ -328,6 +413,8 @@ class StreamedModel:
         if self._tracer is not None:
             if self._tracer.stack:
                 self._tracer.exit(self._names[id(module)])
+        elif self._on_demand is not None and self._on_demand.stack:
+            self._on_demand.exit(self._names[id(module)])
         else:
             self._executor.post_hook(module, args, result)
         return None

@@ -146,23 +146,26 @@ def set_slots(model: nn.Module, weight: Weight, value: torch.Tensor) -> None:
 
 
 class ScratchLoader:
-    """Loads each op's weights into a scratch buffer on entry (stack order) and unloads them on exit."""
+    """Loads each op's weights into scratch buffers on entry (stack order) and unloads them on exit; with
+    several buffers, a weight goes to the first with room at its top."""
 
     def __init__(self, model: nn.Module, mw: ModelWeights, read_into: Callable[[int, torch.Tensor], None],
-                 scratch: torch.Tensor, alignment: int, resident_views: dict[int, torch.Tensor]):
+                 scratch: torch.Tensor | list[torch.Tensor], alignment: int, resident_views: dict[int, torch.Tensor],
+                 fix: str = "a module is used from outside its parent; raise the budget"):
+        self.fix = fix  # what the error says to do when the scratch buffer is too small
         self.model = model
         self.mw = mw
         self.read_into = read_into
-        self.scratch = scratch
+        self.scratch = [scratch] if isinstance(scratch, torch.Tensor) else list(scratch)
         self.alignment = alignment
         self.resident_views = resident_views
-        self.top = 0
-        self.saved_tops: list[int] = []
+        self.tops = [0] * len(self.scratch)
+        self.saved_tops: list[list[int]] = []
         self.slot_weight = {slot: w.index for w in mw.weights for slot in w.slots}
 
     def enter(self, mod_name: str) -> None:
         module = self.model.get_submodule(mod_name)
-        self.saved_tops.append(self.top)
+        self.saved_tops.append(list(self.tops))
         for table, attr, _ in list(owned_tensors(module)):
             w = self.mw.weights[self._weight_of(mod_name, attr)]
             view = self.resident_views.get(w.index)
@@ -182,14 +185,15 @@ class ScratchLoader:
 
     def _load(self, w: Weight, who: str) -> torch.Tensor:
         """Read `w` into the scratch buffer's top (stack order)."""
-        end = self.top + align_up(w.nbytes, self.alignment)
-        if end > self.scratch.numel():
-            raise FlashmemError(f"{who} needs more weight bytes at once than the trace allows ({end} > "
-                                f"{self.scratch.numel()} B); a module is used from outside its parent; raise "
-                                f"the budget")
-        raw = self.scratch[self.top:self.top + w.nbytes]
+        size = align_up(w.nbytes, self.alignment)
+        k = next((k for k, buf in enumerate(self.scratch) if self.tops[k] + size <= buf.numel()), None)
+        if k is None:
+            room = ", ".join(f"{buf.numel() - top} B" for buf, top in zip(self.scratch, self.tops))
+            raise FlashmemError(f"{who} needs {w.nbytes} B more of weights in place, but the scratch buffer has "
+                                f"{room} left; {self.fix}")
+        raw = self.scratch[k][self.tops[k]:self.tops[k] + w.nbytes]
         self.read_into(w.index, raw)
-        self.top = end
+        self.tops[k] += size
         return typed_view(raw, w)
 
     def set_slots(self, weight: int, value: torch.Tensor) -> None:
@@ -202,7 +206,7 @@ class ScratchLoader:
             if self.mw.weights[w].is_buffer and w not in self.resident_views:
                 self._check_unchanged(mod_name, attr, w, t)
             table[attr] = self.resident_views.get(w, placeholders[w])
-        self.top = self.saved_tops.pop()
+        self.tops = self.saved_tops.pop()
 
     def _check_unchanged(self, mod_name: str, attr: str, w: int, t: torch.Tensor) -> None:
         # Compared on the host: a device buffer here would count as activations in the trace.
@@ -252,9 +256,12 @@ class Tracer:
         self.ops[op][1] = self.ops[op][1] + (weight,)
         return self.loader.load_foreign(weight)
 
-    def start(self) -> None:
+    def watch_foreign_uses(self) -> None:
         self.mode = _ForeignUses(self)
         self.mode.__enter__()
+
+    def start(self) -> None:
+        self.watch_foreign_uses()
         if self.device.type == "cuda":
             # Start from an empty cache so the reserved growth we see is what the forward's activations
             # cost the caching allocator (segment rounding included), as it will in a streamed call.
