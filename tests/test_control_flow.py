@@ -46,7 +46,7 @@ class Scaled(nn.Module):
 class Experts(nn.Module):
     """Top-1 routing for the whole batch: which expert runs depends on the router's output."""
 
-    def __init__(self, n: int = 4, width: int = WIDTH):
+    def __init__(self, width: int = WIDTH, n: int = 4):
         super().__init__()
         self.router = nn.Linear(width, n)
         self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(n))

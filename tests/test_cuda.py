@@ -267,3 +267,95 @@ def test_cuda_poisoned_and_slow_copies_stay_exact(case):
     finally:
         sm.close()
         settle()
+
+
+def test_cuda_soak_thousand_calls_of_varying_shapes(capsys):
+    """1,000 calls of four input shapes on one StreamedModel: outputs exact (checked every 50th call and
+    at the end), and from call 100 to call 1,000 no growth of device memory (allocated and reserved),
+    pinned host memory, RSS or threads. The figures are printed (run with -s to see them)."""
+    import threading
+
+    from flashmem.run_cpu import rss_bytes
+
+    lengths = (8, 32, 17, 24)
+    model = build("llama")
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randint(0, VOCAB, (1, n), generator=g).cuda() for n in lengths]
+    model.cuda()
+    with torch.no_grad():
+        refs = [out_of(model(x)).clone() for x in xs]
+    nbytes = model_bytes(model)
+    model.cpu()
+    settle()
+    threads0 = threading.active_count()
+    pinned = getattr(torch.cuda.memory, "host_memory_stats", None)
+    sm = flashmem.stream(model, int(0.5 * nbytes), device="cuda", example_inputs=(xs[0],))
+    marks = {}
+    try:
+        with torch.no_grad():
+            for i in range(1000):
+                k = i % len(xs)
+                out = out_of(sm(xs[k]))
+                if i % 50 == 0 or i >= 996:
+                    assert torch.equal(out, refs[k]), f"call {i}"
+                del out
+                if i in (99, 999):
+                    gc.collect()
+                    torch.cuda.synchronize()
+                    marks[i] = dict(allocated=torch.cuda.memory_allocated(), reserved=torch.cuda.memory_reserved(),
+                                    rss=rss_bytes(), threads=threading.active_count(),
+                                    pinned=pinned()["allocated_bytes.current"] if pinned else 0)
+        assert len(sm._plans) == len(lengths)
+    finally:
+        sm.close()
+        settle()
+    growth = {key: marks[999][key] - marks[99][key] for key in marks[99]}
+    with capsys.disabled():
+        print(f"\nCUDA soak, 1,000 calls, growth from call 100 to 1,000: {growth}; threads {threads0} before, "
+              f"{marks[999]['threads']} during")
+    assert growth["allocated"] == 0 and growth["reserved"] == 0 and growth["pinned"] == 0
+    assert growth["rss"] <= 8 * MiB, f"RSS grew by {fmt_bytes(growth['rss'])}"
+    assert growth["threads"] == 0
+
+
+@pytest.mark.parametrize("name", ["Branchy", "Scaled", "Experts", "EarlyExit"])
+def test_cuda_control_flow_off_the_trace_is_exact(name):
+    """A call off the traced order completes on demand, exact, and the reserved memory stays within the
+    budget (fp32 models of 16 MiB weights, at 60% of their size, or 25% for Experts, plus 8 MiB for
+    activations)."""
+    import warnings
+
+    import test_control_flow as cf
+
+    width = 2048
+    cls = getattr(cf, name)
+    torch.manual_seed(0)
+    model = cls(width=width).eval()
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, width, generator=g) for _ in range(40)]
+    with torch.no_grad():
+        refs = [model.cuda()(x.cuda()).clone() for x in xs]
+    model.cpu()
+    settle()
+    nbytes = model_bytes(model)
+    budget = int((0.25 if name == "Experts" else 0.6) * nbytes) + 8 * MiB  # Experts: one of four runs
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    with torch.no_grad():  # trace the long path (EarlyExit's short one may fit the budget whole)
+        example = xs[0] if name == "Experts" else next(x for x in xs if cf.positive(model, x))
+    sm = flashmem.stream(model, budget, device="cuda", example_inputs=(example.cuda(),))
+    try:
+        assert sm.plan.loads
+        warned = 0
+        for x, ref in zip(xs, refs):
+            with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = sm(x.cuda())
+            warned += any(issubclass(w.category, flashmem.ControlFlowWarning) for w in caught)
+            assert torch.equal(out, ref)
+        torch.cuda.synchronize()
+        assert warned > 0, "some inputs must leave the traced order"
+        assert torch.cuda.max_memory_reserved() - before <= budget
+    finally:
+        sm.close()
+        settle()
