@@ -477,3 +477,46 @@ def test_a_mapped_read_past_the_end_of_a_truncated_file_raises(tmp_path):
         with pytest.raises(flashmem.FlashmemError, match="truncated or the storage failed"):
             files.hold(1)
     store.close()
+
+
+@pytest.mark.parametrize("cpu_reads", ["copy", "map"])
+def test_verify_finds_bytes_rewritten_in_place(tmp_path, cpu_reads):
+    """DebugOptions(verify=True): a streamed weight's bytes rewritten in the file (size and modification
+    time kept, so only the content tells) raise CorruptWeights, not a wrong output; with the bytes put
+    back, the next call is exact."""
+    import os
+
+    from conftest import save_folder
+    from flashmem.files import index_folder
+
+    model = hf_model("llama", seed=0, hidden_size=128, intermediate_size=256)
+    x = torch.arange(8).unsqueeze(0)
+    ref = resident(model, x)
+    folder = save_folder(model, tmp_path / "model")
+    sm = flashmem.from_pretrained(folder, model_bytes(model) // 3, example_inputs=(x,), cpu_reads=cpu_reads,
+                                  debug=flashmem.DebugOptions(verify=True))
+    try:
+        assert sm.cpu_reads == cpu_reads and sm.plan.loads
+        with torch.no_grad():
+            assert torch.equal(out_of(sm(x)), ref)
+        streamed = sm.program.weights[sm.plan.loads[-1].weight]
+        loc = next(loc for name, loc in index_folder(folder).items() if name == streamed.name)
+        path = folder / "model.safetensors"
+        st = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(loc.offset_bytes)
+            original = f.read(64)
+            f.seek(loc.offset_bytes)
+            f.write(bytes(b ^ 0x5A for b in original))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with pytest.raises(flashmem.CorruptWeights, match="differ from when they were first read"):
+            with torch.no_grad():
+                sm(x)
+        with open(path, "r+b") as f:
+            f.seek(loc.offset_bytes)
+            f.write(original)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with torch.no_grad():
+            assert torch.equal(out_of(sm(x)), ref)
+    finally:
+        sm.close()

@@ -10,8 +10,8 @@ The data flows trace -> plan -> check -> run: `trace.py` records the ops and the
 `plan.py` decides what stays resident and when each other weight loads, `check.py` validates the plan
 independently, `run.py` with `run_cuda.py` / `run_cpu.py` executes it.
 """
-from .errors import (BadBudget, BadModelFolder, BudgetTooSmall, ControlFlowWarning, DeviceUnavailable,
-                     FlashmemError, PlanInvalid, TraceMismatch)
+from .errors import (BadBudget, BadModelFolder, BudgetTooSmall, ControlFlowWarning, CorruptWeights,
+                     DeviceUnavailable, FlashmemError, PlanInvalid, TraceMismatch)
 from .plan import Load, Plan, Resident
 from .pretrained import from_pretrained
 from .run import CallStats, DebugOptions
@@ -23,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "stream", "from_pretrained", "StreamedModel", "Plan", "Load", "Resident", "CallStats", "DebugOptions",
     "parse_bytes",
-    "fmt_bytes", "FlashmemError", "BudgetTooSmall", "BadBudget", "BadModelFolder", "DeviceUnavailable",
+    "fmt_bytes", "FlashmemError", "BudgetTooSmall", "BadBudget", "BadModelFolder", "CorruptWeights", "DeviceUnavailable",
     "PlanInvalid", "TraceMismatch", "ControlFlowWarning", "__version__",
 ]

@@ -24,6 +24,10 @@ class BadModelFolder(FlashmemError):
     """A model folder that is missing files, holds unreadable weights or does not match its config."""
 
 
+class CorruptWeights(BadModelFolder):
+    """A weight's bytes, read again while streaming, differ from what was first read from its file."""
+
+
 class DeviceUnavailable(FlashmemError):
     """The requested device is not there (no CUDA GPU, for instance)."""
 

@@ -24,9 +24,13 @@ class DebugOptions:
     poison: fill a load's arena bytes with 0xFF (NaN in every float format) when it is released, and the
         ring when it is made, so that computing with a weight that is not in place changes the output.
     slow_copy_s: hold back every copy by this many seconds, so that a missing wait shows.
+    verify: on the CPU, check every load's bytes against a CRC-32 of the weight taken when it was first
+        read from its file; bytes that differ (the file was rewritten, the storage returns other data)
+        raise `CorruptWeights` instead of being computed with. Costs one pass over the streamed bytes.
     """
     poison: bool = False
     slow_copy_s: float = 0.0
+    verify: bool = False
 
 
 @dataclass(frozen=True)

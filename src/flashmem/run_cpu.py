@@ -117,7 +117,10 @@ class CpuMover:
 
     def _load(self, j: int) -> None:
         load = self.plan.loads[j]
-        self.store.read_into_view(load.weight, memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes]))
+        view = memoryview(self.arena_np[load.offset_bytes:load.offset_bytes + load.nbytes])
+        self.store.read_into_view(load.weight, view)
+        if self.debug.verify:
+            self.store.verify(load.weight, view)
 
     def _drop(self, loads: tuple[int, ...]) -> None:
         if self.debug.poison:
@@ -128,6 +131,7 @@ class CpuMover:
     # -- a call --------------------------------------------------------------------------------------
     def begin_call(self) -> None:
         self._drain()
+        self.store.check_unchanged()
         self._stats = None
         self.stall = 0.0
         self.marks: list[tuple[int, float, float]] = []  # (op, before its waits, after them)
@@ -161,6 +165,8 @@ class CpuMover:
                     self.cond.wait()
                 if self.error is not None:
                     err = self.error
+                    if isinstance(err, FlashmemError):
+                        raise err
                     raise FlashmemError(f"reading weights from storage failed: {err}") from err
         t1 = time.perf_counter()
         self.stall += t1 - t0
@@ -234,7 +240,14 @@ class MapMover(CpuMover):
         super().__init__(plan, files.store, torch.empty(0, dtype=torch.uint8), debug)
 
     def _load(self, j: int) -> None:
-        self.files.hold(self.plan.loads[j].weight)
+        w = self.plan.loads[j].weight
+        self.files.hold(w)
+        if self.debug.verify:
+            try:
+                self.store.verify(w, memoryview(self.files.view(w).numpy()))
+            except BaseException:
+                self.files.unhold(w)  # the load failed: it holds nothing
+                raise
 
     def _drop(self, loads: tuple[int, ...]) -> None:
         for j in loads:
@@ -243,10 +256,6 @@ class MapMover(CpuMover):
 
     def _held_bytes(self) -> int:
         return self.plan.resident_bytes  # populated before the call; the streamed pages show in RSS growth
-
-    def begin_call(self) -> None:
-        self.files.check_unchanged()
-        super().begin_call()
 
     def abort_call(self, keep: frozenset[int] = frozenset()) -> None:
         super().abort_call(keep)

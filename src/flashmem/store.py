@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FlashmemError
+from .errors import CorruptWeights, FlashmemError
 from .files import TensorLocation, pread_into, read_header
 from .units import align_up, fmt_bytes
 
@@ -95,6 +95,40 @@ class FileStore:
             if loc.path not in self._fds:
                 self._fds[loc.path] = os.open(loc.path, os.O_RDONLY)
         self._owned_dir = owned_dir
+        self._crcs: dict[int, int] = {}
+        self._stamps = {path: self._stamp(fd) for path, fd in self._fds.items()}
+
+    @staticmethod
+    def _stamp(fd: int) -> tuple[int, int]:
+        st = os.fstat(fd)
+        return st.st_size, st.st_mtime_ns
+
+    def check_unchanged(self) -> None:
+        """Refuse files whose size or modification time changed since they were opened."""
+        for path, fd in self._fds.items():
+            now = self._stamp(fd)
+            if now != self._stamps[path]:
+                was = self._stamps[path][0]
+                how = "was truncated" if now[0] < was else "changed"
+                raise FlashmemError(f"{path} {how} on storage while flashmem streams from it (it was {was} "
+                                    f"bytes, now {now[0]}); restore the file and load the model again")
+
+    def verify(self, weight: int, data) -> None:
+        """Check `data` (a buffer of the weight's bytes just brought in) against the CRC-32 of the weight
+        as first read from its file (taken on the first check)."""
+        import zlib
+
+        loc = self.locations[weight]
+        if weight not in self._crcs:
+            first = bytearray(loc.nbytes)
+            pread_into(self._fds[loc.path], loc.offset_bytes, memoryview(first))
+            self._crcs[weight] = zlib.crc32(first)
+        got = zlib.crc32(data)
+        if got != self._crcs[weight]:
+            raise CorruptWeights(f"bytes {loc.offset_bytes}..{loc.offset_bytes + loc.nbytes} of {loc.path} "
+                                 f"(a weight of shape {loc.shape}) differ from when they were first read "
+                                 f"(CRC-32 {got:08x}, was {self._crcs[weight]:08x}); the file was rewritten or "
+                                 f"the storage returns other data: restore the file and load the model again")
 
     @classmethod
     def spill(cls, sources: list[torch.Tensor | TensorLocation], names: list[str]) -> "FileStore":
@@ -205,6 +239,7 @@ class MappedFiles:
                 self.populate = False
                 self._madvise(loc.path, first, end, _MADV_WILLNEED)
             elif err:
+                self.unhold(weight)  # the failed hold takes nothing: its counts go back, its pages out
                 raise FlashmemError(f"reading {fmt_bytes(loc.nbytes)} at byte {loc.offset_bytes} of {loc.path} "
                                     f"failed ({os.strerror(err)}); the file was truncated or the storage "
                                     f"failed; check the file and load the model again")
@@ -232,13 +267,7 @@ class MappedFiles:
         return int(sum((c > 0).sum() for c in self._counts.values()))
 
     def check_unchanged(self) -> None:
-        for path, fd in self.store._fds.items():
-            st = os.fstat(fd)
-            if (st.st_size, st.st_mtime_ns) != self._stamps[path]:
-                was = self._stamps[path][0]
-                how = "was truncated" if st.st_size < was else "changed"
-                raise FlashmemError(f"{path} {how} on storage while flashmem streams from it (it was {was} "
-                                    f"bytes, now {st.st_size}); restore the file and load the model again")
+        self.store.check_unchanged()
 
     def release_all(self) -> None:
         """Drop every page and forget the holds (the views stay valid; pages fault back in if used)."""
