@@ -359,3 +359,67 @@ def test_cuda_control_flow_off_the_trace_is_exact(name):
     finally:
         sm.close()
         settle()
+
+
+def test_cuda_input_too_large_for_the_budget_fails_within_it(case):
+    """A new input shape is traced under a cap of the caching allocator: one whose activations do not fit
+    beside the weights fails with out-of-memory (and flashmem's note saying why and the fix) without the
+    device going past the budget; the StreamedModel then still serves the traced shape exactly."""
+    sm, budget = stream_below_size(case, 0.45)
+    big = inputs(1, seq=256, batch=64)[0]  # its logits alone are 512 MiB
+    try:
+        settle()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_reserved() - sm.plan.arena_bytes
+        with pytest.raises(torch.OutOfMemoryError) as info:
+            with torch.no_grad():
+                sm(big)
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert "flashmem" in notes and "raise the budget" in notes and fmt_bytes(budget) in notes
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_reserved() - before <= budget
+        for x, ref in zip(case["xs"], case["refs"]):
+            with torch.no_grad():
+                assert torch.equal(out_of(sm(x)), ref)
+        assert torch.cuda.get_per_process_memory_fraction() == 1.0  # the cap is lifted
+    finally:
+        sm.close()
+        settle()
+
+
+@pytest.mark.parametrize("fault", ["oom_between_ops", "error_in_forward"])
+def test_cuda_fault_in_a_call_then_exact(fault):
+    """An out-of-memory error between two streamed ops, or an exception in the model's own forward, ends
+    the call in the caller; the next calls are exact and the reserved memory stays within the budget."""
+    import test_faults as tf
+
+    width = 2048  # layers of 16 MiB
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(1))
+    model = tf.make_stack(width=width).cuda()
+    with torch.no_grad():
+        ref = model(x.cuda()).clone()
+    model.cpu()
+    settle()
+    budget = int(0.45 * model_bytes(model)) + 4 * MiB
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    sm = flashmem.stream(model, budget, device="cuda", example_inputs=(x.cuda(),))
+    try:
+        assert sm.plan.loads
+        for _ in range(2):
+            if fault == "oom_between_ops":
+                model.trap.error = tf.oom()
+                expected = torch.OutOfMemoryError
+            else:
+                model.error = ValueError("injected")
+                expected = ValueError
+            with pytest.raises(expected), torch.no_grad():
+                sm(x.cuda())
+            for _ in range(2):
+                with torch.no_grad():
+                    assert torch.equal(sm(x.cuda()), ref)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_reserved() - before <= budget
+    finally:
+        sm.close()
+        settle()

@@ -47,11 +47,11 @@ class Stack(nn.Module):
     """Linear(256, 256) layers without bias and a head; a weightless trap after the second layer (a device
     error between ops), and the model's own forward raises `error` once when armed, after the fifth."""
 
-    def __init__(self, depth: int = 6):
+    def __init__(self, depth: int = 6, width: int = WIDTH):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(depth)])
+        self.layers = nn.ModuleList([nn.Linear(width, width, bias=False) for _ in range(depth)])
         self.trap = Trap()
-        self.head = nn.Linear(WIDTH, 16, bias=False)
+        self.head = nn.Linear(width, 16, bias=False)
         self.error: BaseException | None = None
 
     def forward(self, x):
@@ -65,9 +65,9 @@ class Stack(nn.Module):
         return self.head(x)
 
 
-def make_stack(seed: int = 0) -> Stack:
+def make_stack(seed: int = 0, width: int = WIDTH) -> Stack:
     torch.manual_seed(seed)
-    return Stack().eval()
+    return Stack(width=width).eval()
 
 
 def oom() -> BaseException:

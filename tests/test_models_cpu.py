@@ -520,3 +520,22 @@ def test_verify_finds_bytes_rewritten_in_place(tmp_path, cpu_reads):
             assert torch.equal(out_of(sm(x)), ref)
     finally:
         sm.close()
+
+
+def test_an_input_of_another_dtype_is_planned_again(streams):
+    """Token ids as int32 after a trace with int64: a new signature, traced and planned, exact; an input the
+    model itself rejects (float ids) fails as it would resident, and the StreamedModel stays usable."""
+    model = hf_model("llama", seed=0)
+    x64 = torch.arange(10).unsqueeze(0) * 3 % 100
+    x32 = x64.to(torch.int32)
+    refs = [resident(hf_model("llama", seed=0), x) for x in (x64, x32)]
+    sm = streams(model, model_bytes(model) // 3, x64)
+    with torch.no_grad():
+        assert torch.equal(out_of(sm(x32)), refs[1])
+        assert len(sm._plans) == 2
+        with pytest.raises(RuntimeError):
+            hf_model("llama", seed=0)(x64.float())  # the resident model rejects it ...
+        with pytest.raises(RuntimeError):
+            sm(x64.float())  # ... and so does the streamed one
+        assert torch.equal(out_of(sm(x64)), refs[0])
+        assert torch.equal(out_of(sm(x32)), refs[1])

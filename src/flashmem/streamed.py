@@ -128,12 +128,18 @@ class StreamedModel:
                 scratch = torch.zeros((self.budget_bytes - self.plan.resident_bytes) // self._alignment
                                       * self._alignment, dtype=torch.uint8)
         loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, resident)
-        self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature)
+        cap = {}
+        if self.device.type == "cuda":  # the trace may not take the device past the budget
+            held = self._arena.numel() if self._arena is not None else scratch.numel()
+            cap = dict(budget_bytes=self.budget_bytes, held_bytes=align_up(held, CUDA_GRANULARITY))
+        self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature,
+                              **cap)
         self._tracer.start()
 
     def _finish_trace(self, failed: bool) -> None:
         tracer, self._tracer = self._tracer, None
         if failed:
+            tracer.explain_failure(sys.exc_info()[1])
             tracer.abort()
             return
         program = self._footprints(tracer.finish())
@@ -540,11 +546,21 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     streamed._install_hooks()
     try:
         streamed(*args, **kwargs)  # the first call traces and plans
-    except BaseException:
+    except BaseException as err:
         originals = streamed._originals
         streamed.close()
         if originals is not None:  # no store was made: give the model its own tensors back
             streamed._set_all(lambda w: originals[w])
+        if device.type == "cuda" and isinstance(err, torch.OutOfMemoryError):
+            # the trace runs capped at the budget: the example's activations did not fit beside the weights
+            need = budget_bytes + CUDA_GRANULARITY
+            raise BudgetTooSmall(
+                f"op {mw.max_working_module!r} needs {fmt_bytes(mw.max_working_bytes)} of weights in place, and "
+                f"the example input's activations need more than the remaining "
+                f"{fmt_bytes(budget_bytes - mw.max_working_bytes)} of the budget of {fmt_bytes(budget_bytes)} "
+                f"(the trace stopped at the first allocation past it); raise the budget to at least "
+                f"{fmt_bytes(need)} (more, by the activations' size) or trace a smaller input",
+                op=mw.max_working_module, need_bytes=need, budget_bytes=budget_bytes) from err
         raise
     if planner == "solver" and streamed.plan.loads:
         streamed.use_solver(args, kwargs, cache_dir=cache_dir or default_cache_dir())

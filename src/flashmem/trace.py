@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import FlashmemError
-from .units import align_up
+from .units import align_up, fmt_bytes
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,11 @@ class Tracer:
     model's output, computed with every weight in place."""
 
     def __init__(self, mw: ModelWeights, loader: ScratchLoader, placeholders: dict[int, torch.Tensor],
-                 device: torch.device, buffer_bytes: int, signature: str):
+                 device: torch.device, buffer_bytes: int, signature: str, budget_bytes: int | None = None,
+                 held_bytes: int = 0):
+        self.budget_bytes = budget_bytes  # CUDA: the trace's activations may not take the device past it
+        self.held_bytes = held_bytes  # of the budget, what flashmem holds on the device already
+        self._fraction: float | None = None  # the process's memory fraction before the trace capped it
         self.mw = mw
         self.loader = loader
         self.placeholders = placeholders
@@ -270,6 +274,8 @@ class Tracer:
             self.allocated0 = torch.cuda.memory_allocated(self.device)
             self.reserved0 = torch.cuda.memory_reserved(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            if self.budget_bytes is not None:
+                self._cap_memory()
         else:
             from .run_cpu import reset_peak_rss, rss_bytes
 
@@ -288,7 +294,29 @@ class Tracer:
             self.loader.set_slots(w, self.loader.resident_views.get(w, self.placeholders[w]))
         self.loader.exit(name, self.placeholders)
 
+    def _cap_memory(self) -> None:
+        """Make the caching allocator refuse (out of memory) what would take the device past the budget:
+        an input whose activations do not fit fails in its trace instead of overrunning."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        limit = self.reserved0 - self.held_bytes + self.budget_bytes
+        self._fraction = torch.cuda.get_per_process_memory_fraction(self.device)
+        torch.cuda.set_per_process_memory_fraction(min(max(limit, 0) / total, self._fraction), self.device)
+
+    def _uncap_memory(self) -> None:
+        if self._fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self._fraction, self.device)
+            self._fraction = None
+
+    def explain_failure(self, err: BaseException) -> None:
+        """Add to an out-of-memory error of a capped trace what it means and the fix."""
+        if self._fraction is not None and isinstance(err, torch.OutOfMemoryError) and hasattr(err, "add_note"):
+            err.add_note(f"flashmem: tracing this input's signature ({self.signature}), its activations needed "
+                         f"more device memory than the budget of {fmt_bytes(self.budget_bytes)} leaves beside "
+                         f"the {fmt_bytes(self.held_bytes)} of weights flashmem holds; raise the budget or call "
+                         f"with a smaller input (the budget was not exceeded)")
+
     def _leave_mode(self) -> None:
+        self._uncap_memory()
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
             self.mode = None
