@@ -17,11 +17,12 @@ from .pretrained import from_pretrained
 from .run import CallStats, DebugOptions
 from .streamed import StreamedModel, stream
 from .units import fmt_bytes, parse_bytes
+from .workload import CallResult, Workload
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "stream", "from_pretrained", "StreamedModel", "Plan", "Load", "Resident", "CallStats", "DebugOptions",
+    "stream", "from_pretrained", "StreamedModel", "Workload", "CallResult", "Plan", "Load", "Resident", "CallStats", "DebugOptions",
     "parse_bytes",
     "fmt_bytes", "FlashmemError", "BudgetTooSmall", "BadBudget", "BadModelFolder", "CorruptWeights", "DeviceUnavailable",
     "PlanInvalid", "TraceMismatch", "ControlFlowWarning", "__version__",

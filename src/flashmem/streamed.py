@@ -82,6 +82,10 @@ class StreamedModel:
         self.costs = None  # the cost model of the last use_solver()
         self.debug = DebugOptions()
         self.cpu_reads = cpu_reads  # as asked; "auto" is settled by the first plan
+        # For a Workload: compose(args, kwargs, signature) may return the program of a call without a trace;
+        # traced(program) sees (and may amend) each traced program before it is planned.
+        self.compose = None
+        self.traced = None
         self._files: MappedFiles | None = None
         self._set_all(lambda w: self._placeholders[w])
 
@@ -142,9 +146,14 @@ class StreamedModel:
             tracer.explain_failure(sys.exc_info()[1])
             tracer.abort()
             return
-        program = self._footprints(tracer.finish())
+        program = tracer.finish()
         del tracer
-        plan = self._plan(program)
+        if self.traced:
+            program = self.traced(program)
+        program = self._footprints(program)
+        self._remember(program, self._plan(program))
+
+    def _remember(self, program: Program, plan: Plan) -> None:
         self._plans[program.signature] = (program, plan)
         if len(self._plans) > MAX_PLANS:
             self._plans.popitem(last=False)
@@ -279,7 +288,11 @@ class StreamedModel:
         if signature == self._signature:
             return
         cached = self._plans.get(signature)
-        if cached is None:
+        composed = self.compose(args, kwargs, signature) if cached is None and self.compose else None
+        if composed is not None:  # a program made from traced parts (a Workload's sequence of calls)
+            program = self._footprints(composed)
+            self._remember(program, self._plan(program))
+        elif cached is None:
             self._start_trace(signature)
         else:
             self._plans.move_to_end(signature)
@@ -515,7 +528,7 @@ def default_cache_dir() -> Path:
 
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
           planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False,
-          debug: DebugOptions | None = None, cpu_reads: str = "auto") -> StreamedModel:
+          debug: DebugOptions | None = None, cpu_reads: str = "auto", hooks=None) -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device)` makes the weight store, once
     the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
     built on the meta device has no tensors to read)."""
@@ -536,6 +549,8 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
                              buffer_bytes, cpu_reads)
     if debug is not None:
         streamed.debug = debug
+    if hooks is not None:  # a Workload's composing and harvesting of programs
+        hooks(streamed)
     if eager_store:
         streamed._store, streamed._make_store, streamed._originals = source(mw, tensors, device), None, None
     args = tuple(example_inputs) if example_inputs is not None else ()

@@ -1,0 +1,237 @@
+"""`flashmem.Workload`: several models called one after another, under one device budget, on one plan.
+
+The models become children of one module whose forward makes a sequence of calls; that module is streamed
+like any model, so a sequence of calls is one program and gets one plan: resident sets are chosen across
+the models, one ring serves them all, and the next model's first weights load while the current one
+finishes. A sequence is traced once; a later sequence whose calls (model and input signature) were all
+traced before is composed from those traced parts and planned without running anything.
+
+    wl = flashmem.Workload({"vit": vit, "gpt": gpt}, budget="1.5GB", device="cuda",
+                           examples={"vit": ((pixels,), {}), "gpt": ((ids,), {})})
+    results = wl.run([("gpt", (ids,), {}), ("vit", (pixels,), {}), ("gpt", (ids,), {})])
+
+Each call's output is moved to the host as the call ends (device memory then holds no earlier output);
+`keep_on_device=True` keeps outputs where they are (their bytes then count as activations of the calls
+after them). A call that fails (a storage error, an exception in the model) gives its exception as its
+result; the calls after it run on a plan for the rest of the sequence.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .errors import FlashmemError
+from .streamed import StreamedModel, build, _store_from_tensors
+from .trace import Op, Program, input_signature
+
+Call = tuple[str, tuple, dict]  # (model name, args, kwargs)
+
+
+@dataclass(frozen=True)
+class CallPart:
+    """The ops of one traced call of one model, relative to the call's first op."""
+    ops: tuple[Op, ...]
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One call of a sequence: its output (None if it failed), its error, and when it ran."""
+    name: str
+    output: Any
+    error: BaseException | None
+    start_s: float
+    end_s: float
+
+
+class _Queue(nn.Module):
+    """The models as children, and a forward that makes a sequence of calls."""
+
+    def __init__(self, models: dict[str, nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleDict(models)
+        self.marks: list[int] = []  # op count of the trace at each call's start (while tracing)
+        self.on_boundary = None  # called before each call and after the last, with the call's index
+        self.keep_on_device = False
+        self.results: list = []
+        self.skip = 0  # calls of the sequence already done (after a failure, the rest runs again)
+
+    def forward(self, calls: tuple[Call, ...]):
+        for k, (name, args, kwargs) in enumerate(calls):
+            if self.on_boundary:
+                self.on_boundary(k)
+            out = self.members[name](*args, **kwargs)
+            if not self.keep_on_device:
+                out = _to_host(out)
+            self.results.append(out)
+        if self.on_boundary:
+            self.on_boundary(len(calls))
+        return self.results
+
+
+def _to_host(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.cpu()
+    if isinstance(out, dict):  # transformers' ModelOutput is an ordered dict
+        moved = {k: _to_host(v) for k, v in out.items()}
+        try:
+            return type(out)(**moved)
+        except TypeError:
+            return moved
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_host(v) for v in out)
+    return out
+
+
+class Workload:
+    """Models called in sequences, under one `budget` on one `device`, each sequence on one plan.
+
+    models: name -> nn.Module (parameters on the CPU). examples: name -> (args, kwargs), one call of each
+    model, traced together as the first sequence. cpu_reads as for `flashmem.stream`.
+    """
+
+    def __init__(self, models: dict[str, nn.Module], budget, device: str = "cpu",
+                 examples: dict[str, tuple[tuple, dict]] | None = None, cpu_reads: str = "auto",
+                 keep_on_device: bool = False, debug=None):
+        if not models:
+            raise FlashmemError("a Workload needs at least one model")
+        missing = sorted(set(models) - set(examples or {}))
+        if missing:
+            raise FlashmemError(f"examples lacks {', '.join(map(repr, missing))}: give one call of each model, "
+                                f"as examples={{name: (args, kwargs)}}")
+        self.names = list(models)
+        self.queue = _Queue(models)
+        self.queue.keep_on_device = keep_on_device
+        self.queue.on_boundary = self._boundary
+        self.parts: dict[tuple[str, str], CallPart] = {}  # (model name, input signature) -> traced ops
+        self._segment_peaks: list[int] = []
+        self._tracing_calls: tuple[Call, ...] | None = None
+        first = tuple((name, tuple(args), dict(kwargs)) for name, (args, kwargs) in examples.items())
+        self._tracing_calls = first
+        self.streamed: StreamedModel = build(self.queue, budget, device, (first,), None,
+                                             source=_store_from_tensors, debug=debug, cpu_reads=cpu_reads,
+                                             hooks=self._hook_up)
+        self._tracing_calls = None
+        self.last: list[CallResult] = []
+
+    def _hook_up(self, sm: StreamedModel) -> None:
+        self.streamed = sm
+        sm.compose = self._compose
+        sm.traced = self._harvest
+
+    # -- tracing and composing ---------------------------------------------------------------------------
+    def _boundary(self, k: int) -> None:
+        """Before call k of a sequence (and after the last): while tracing, mark where the call's ops begin
+        and measure the activations of the call just ended."""
+        sm = self.streamed
+        tracer = sm._tracer
+        if tracer is None:
+            return
+        self.queue.marks.append(len(tracer.ops))
+        device = sm.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            if k > 0:
+                peak = max(torch.cuda.max_memory_allocated(device) - self._alloc0,
+                           torch.cuda.max_memory_reserved(device) - self._reserved0)
+                self._segment_peaks.append(max(peak, 0))
+            torch.cuda.empty_cache()
+            self._alloc0 = torch.cuda.memory_allocated(device)
+            self._reserved0 = torch.cuda.memory_reserved(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        elif k > 0:
+            self._segment_peaks.append(0)
+
+    def _harvest(self, program: Program) -> Program:
+        """Split a traced sequence into its calls' parts; its activations are those of its largest call."""
+        calls = self._tracing_calls
+        marks = self.queue.marks
+        if calls is None or len(marks) != len(calls) + 1:
+            raise FlashmemError("internal: a Workload sequence was traced without its call marks")
+        peaks = self._segment_peaks or [program.activation_bytes] * len(calls)
+        for k, (name, args, kwargs) in enumerate(calls):
+            begin, end = marks[k], marks[k + 1]
+            ops = tuple(Op(op.index - begin, op.module, op.weights, op.end_index - begin)
+                        for op in program.ops[begin:end])
+            if any(not op.module.startswith(f"members.{name}.") and op.module != f"members.{name}" for op in ops):
+                raise FlashmemError(f"call {k} of the sequence ({name!r}) ran ops of another model")
+            self.parts[(name, input_signature(args, kwargs))] = CallPart(ops, peaks[k])
+        self.queue.marks = []
+        self._segment_peaks = []
+        return replace(program, activation_bytes=max(peaks) if peaks else 0)
+
+    def _compose(self, args: tuple, kwargs: dict, signature: str) -> Program | None:
+        """The program of a sequence whose every call was traced before, or None (then it is traced)."""
+        (calls,) = args
+        parts = []
+        for name, cargs, ckwargs in calls:
+            part = self.parts.get((name, input_signature(cargs, ckwargs)))
+            if part is None:
+                self._tracing_calls = tuple(calls)
+                self.queue.marks, self._segment_peaks = [], []
+                return None
+            parts.append(part)
+        ops, base = [], 0
+        for part in parts:
+            ops.extend(Op(op.index + base, op.module, op.weights, op.end_index + base) for op in part.ops)
+            base += len(part.ops)
+        weights = self.streamed._mw.weights
+        return Program(weights=weights, ops=tuple(ops), activation_bytes=max(p.activation_bytes for p in parts),
+                       buffer_bytes=0, signature=signature)
+
+    # -- running -----------------------------------------------------------------------------------------
+    def run(self, calls: list[Call]) -> list[CallResult]:
+        """Run `calls` in order; one result per call. A failed call's result holds its exception, and the
+        calls after it still run."""
+        calls = [(name, tuple(args), dict(kwargs)) for name, args, kwargs in calls]
+        unknown = sorted({name for name, _, _ in calls} - set(self.names))
+        if unknown:
+            raise FlashmemError(f"no model named {', '.join(map(repr, unknown))} in this Workload "
+                                f"(it has {', '.join(map(repr, self.names))})")
+        results: list[CallResult] = []
+        done = 0
+        while done < len(calls):
+            rest = tuple(calls[done:])
+            self.queue.results = []
+            times = [time.perf_counter()]
+            self.queue.on_boundary = lambda k, times=times: (self._boundary(k), times.append(time.perf_counter()))
+            try:
+                with torch.no_grad():
+                    self.streamed(rest)
+                error = None
+            except Exception as err:  # the call that failed gets it; the rest runs on its own plan
+                error = err
+            finally:
+                self.queue.on_boundary = self._boundary
+                if self._tracing_calls is not None and error is not None:
+                    self._tracing_calls = None
+            self._tracing_calls = None
+            outs = self.queue.results
+            stamps = times[1:]
+            for k, out in enumerate(outs):
+                results.append(CallResult(rest[k][0], out, None, stamps[k], stamps[k + 1]))
+            done += len(outs)
+            if error is not None:
+                name = rest[len(outs)][0]
+                start = stamps[len(outs)] if len(stamps) > len(outs) else times[0]
+                results.append(CallResult(name, None, error, start, time.perf_counter()))
+                done += 1
+        self.last = results
+        return results
+
+    @property
+    def plan(self):
+        """The plan of the last sequence run."""
+        return self.streamed.plan
+
+    @property
+    def stats(self):
+        return self.streamed.stats
+
+    def close(self) -> None:
+        self.streamed.close()
