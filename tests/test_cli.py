@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import flashmem
 from flashmem.cli import main
 
 from conftest import hf_model, resident
@@ -82,3 +83,40 @@ def test_usage_errors_are_argparse_errors(capsys):
         main(["--help"])
     assert info.value.code == 0
     assert "plan" in capsys.readouterr().out
+
+
+def test_queue_command_runs_a_spec_and_writes_the_plot(tmp_path, capsys):
+    """`flashmem queue spec.json --out mem.png`: two models of different architectures, three rounds in
+    random order, under one budget; the table, the totals and the plot."""
+    import json
+
+    from flashmem.cli import main
+
+    spec = {"device": "cpu", "budget": "1MB", "dtype": "float32", "rounds": 3, "order": "random", "seed": 1,
+            "models": [
+                {"name": "llama", "transformers": "LlamaForCausalLM",
+                 "config": {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2},
+                 "inputs": {"input_ids": {"shape": [1, 12], "dtype": "int64", "high": 256}}},
+                {"name": "vit", "transformers": "ViTModel",
+                 "config": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "intermediate_size": 256, "image_size": 32, "patch_size": 8},
+                 "inputs": {"pixel_values": {"shape": [1, 3, 32, 32]}}}]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "mem.png"
+    assert main(["queue", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "llama" in text and "vit" in text and "6 calls" in text and "streamed" in text
+    assert out.exists() and out.stat().st_size > 1000
+
+
+def test_queue_spec_errors_are_clear(tmp_path):
+    from flashmem.queue import parse_spec
+
+    with pytest.raises(flashmem.FlashmemError, match="budget"):
+        parse_spec({"models": [{"name": "a", "transformers": "LlamaForCausalLM"}]})
+    with pytest.raises(flashmem.FlashmemError, match="needs a \"name\" and one of"):
+        parse_spec({"budget": "1GB", "models": [{"name": "a"}]})
+    with pytest.raises(flashmem.FlashmemError, match="lacks"):
+        parse_spec({"budget": "1GB", "order": ["b"], "models": [{"name": "a", "transformers": "X"}]})

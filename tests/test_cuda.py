@@ -423,3 +423,37 @@ def test_cuda_fault_in_a_call_then_exact(fault):
     finally:
         sm.close()
         settle()
+
+
+def test_cuda_workload_of_three_models_is_exact_within_the_budget():
+    """A Workload of a Llama, a GPT-Neo and an MLP (fp16) at 45% of their bytes: sequences in several
+    orders are exact against each model resident, and the reserved memory grows by no more than the budget."""
+    from torch import nn
+
+    models = {"llama": build("llama"), "neo": build("neo")}
+    torch.manual_seed(0)
+    models["mlp"] = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(8)]).half().eval()
+    xs = {"llama": inputs(1)[0], "neo": inputs(1, seq=16)[0], "mlp": torch.randn(4, 2048).half().cuda()}
+    refs = {}
+    for name, model in models.items():
+        model.cuda()
+        with torch.no_grad():
+            refs[name] = out_of(model(xs[name])).cpu()
+        model.cpu()
+    nbytes = sum(model_bytes(m) for m in models.values())
+    settle()
+    budget = int(0.45 * nbytes)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    wl = flashmem.Workload(models, budget, device="cuda", examples={k: ((x,), {}) for k, x in xs.items()})
+    try:
+        for order in (["llama", "neo", "mlp"], ["mlp", "mlp", "neo", "llama", "neo"]):
+            results = wl.run([(k, (xs[k],), {}) for k in order])
+            for r in results:
+                assert r.error is None and torch.equal(out_of(r.output), refs[r.name]), r.name
+            assert wl.plan.loads and wl.plan.total_bytes <= budget
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_reserved() - before <= budget
+    finally:
+        wl.close()
+        settle()

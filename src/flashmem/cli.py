@@ -1,4 +1,5 @@
-"""The `flashmem` command: `demo`, `run` (a model folder under a budget) and `plan` (print or save one)."""
+"""The `flashmem` command: `demo`, `run` (a model folder under a budget), `plan` (print or save one) and
+`queue` (several models called in turn under one budget, from a spec file)."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +87,38 @@ def cmd_demo(args) -> int:
                     device=args.device)
 
 
+def cmd_queue(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .queue import load_spec, plot_memory, run_queue, table_rows
+    from .units import fmt_bytes
+
+    spec = load_spec(args.spec)
+    if args.rounds is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, rounds=args.rounds)
+    console = Console()
+    console.print(f"{len(spec.models)} models, {spec.rounds} rounds ({len(spec.sequence())} calls) under "
+                  f"{fmt_bytes(spec.budget_bytes)} on {spec.device}")
+    run = run_queue(spec)
+    table = Table(title="calls per model")
+    for col in ("model", "calls", "median ms"):
+        table.add_column(col)
+    for row in table_rows(run):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"total {run.total_s:.3f} s for {len(run.results)} calls (set-up and a first untimed run "
+                  f"{run.setup_s:.1f} s); device memory over the baseline: peak {fmt_bytes(run.peak_bytes)}, "
+                  f"average {fmt_bytes(int(run.average_bytes))}, budget {fmt_bytes(spec.budget_bytes)}; "
+                  f"{fmt_bytes(run.streamed_bytes)} streamed")
+    if args.out:
+        plot_memory({"flashmem": run.sampler}, spec.budget_bytes, args.out, {"flashmem": run.baseline_bytes})
+        console.print(f"memory over time: {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashmem", description="Run models under a hard memory budget by "
                                 "streaming weights in while they compute.")
@@ -111,6 +144,12 @@ def parser() -> argparse.ArgumentParser:
                                     "(predicted and measured compute and copy lanes, memory against the "
                                     "budget) if the name ends in .png")
     plan.set_defaults(func=cmd_plan)
+    queue = sub.add_parser("queue", help="run several models in turn under one budget, as a JSON spec describes")
+    queue.add_argument("spec", help="JSON: models (transformers/diffusers class and config, or a folder), "
+                                    "their inputs, the order, rounds, budget and device")
+    queue.add_argument("--rounds", type=int, help="override the spec's number of rounds")
+    queue.add_argument("--out", help="write a plot of device memory over time (PNG)")
+    queue.set_defaults(func=cmd_queue)
     demo = sub.add_parser("demo", help="SmolLM2-135M-Instruct answers a prompt at a quarter of its bytes")
     demo.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     demo.add_argument("--new-tokens", type=int, default=24)

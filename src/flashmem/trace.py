@@ -347,6 +347,14 @@ class Tracer:
         )
 
 
+# Reading these from a weight needs no bytes: the placeholder answers them (HF's ViTModel reads its patch
+# projection's dtype in its own forward, outside any op).
+_METADATA = {torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__, torch.Tensor.ndim.__get__,
+             torch.Tensor.requires_grad.__get__, torch.Tensor.layout.__get__, torch.Tensor.size, torch.Tensor.dim,
+             torch.Tensor.numel, torch.Tensor.nelement, torch.Tensor.element_size, torch.Tensor.is_floating_point,
+             torch.Tensor.is_complex}
+
+
 class _ForeignUses(TorchFunctionMode):
     """During a trace: a torch function given a weight that is not in place (a placeholder) gets the weight,
     loaded for the op in flight, instead of failing on the meta tensor."""
@@ -357,6 +365,8 @@ class _ForeignUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _METADATA:
+            return func(*args, **kwargs)
         ids = self.tracer.placeholder_ids
         leaves, spec = tree_flatten((args, kwargs))
         if any(isinstance(a, torch.Tensor) and id(a) in ids for a in leaves):

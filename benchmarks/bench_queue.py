@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""The paper's multi-model experiment: the models of a queue spec (default benchmarks/fig6.json: five fp16
+models, 10 rounds in random order = 50 calls, a 1.5 GB budget on CUDA) called in the spec's sequence, one
+process per way of running them:
+
+    sh benchmarks/install_gpu_deps.sh && PYTHONPATH=src:/tmp/benchdeps python3 benchmarks/bench_queue.py
+    PYTHONPATH=src python benchmarks/bench_queue.py --spec benchmarks/queue_small.json   # CPU logic check
+
+Modes (each in its own child process, `--mode X`; untimed warm-up pass over the sequence, then a timed pass
+with flashmem.queue.MemorySampler on):
+  flashmem                  flashmem.queue.run_queue(spec): one Workload under the spec's budget
+  load_each                 per call: model.to(device) from pageable host memory, forward, model.to("cpu"),
+                            torch.cuda.empty_cache()
+  resident                  every model on the device for good (if it fits): the compute floor
+  accelerate_model_offload  accelerate.cpu_offload_with_hook chained in the spec's model order, as diffusers'
+                            enable_model_cpu_offload does (a model is offloaded when its successor in that
+                            order runs, so a random call order can leave several on the device)
+Every mode builds the same weights and inputs (flashmem.queue.build_model / make_inputs, seed = model index)
+and moves each output to the host as its call ends (as Workload does). Per mode: total seconds of the
+sequence, peak and time-weighted average device memory over the mode's baseline (CUDA: reserved bytes, the
+peak also from max_memory_reserved; CPU: RSS), against the budget; bytes copied to the device per sequence;
+a sha256 of each model's first output (first tensor leaf: .logits, .sample, .predicted_depth,
+.last_hidden_state), `equal` when every digest matches the resident mode's. The flashmem child also measures
+the link (256 MiB pinned host-to-device copy, median of 5; on the CPU a RAM copy) for its floor:
+max(resident total, streamed bytes / link). Rows go to $OUT/bench_queue.json, memory samples to
+$OUT/bench_queue_memory.json, the plot to $OUT/bench_queue.png (when $OUT is set); the table prints last.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+MODES = ["resident", "flashmem", "load_each", "accelerate_model_offload"]
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=str(HERE / "fig6.json"), help="queue spec (JSON)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--rounds", type=int, help="override the spec's rounds")
+    p.add_argument("--device", help="override the spec's device (cpu checks the logic without a GPU)")
+    p.add_argument("--child-timeout", type=float, default=580, help="seconds per child process")
+    p.add_argument("--mode", choices=MODES, help="(child) run one mode and print its row")
+    args = p.parse_args(argv)
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in args.mode_list:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}")
+    return args
+
+
+def load(args):
+    from flashmem.queue import load_spec
+
+    spec = load_spec(args.spec)
+    if args.device:
+        spec = dataclasses.replace(spec, device=args.device)
+    if args.rounds is not None:
+        spec = dataclasses.replace(spec, rounds=args.rounds)
+    return spec
+
+
+# ==== children ============================================================================================
+def main_tensor(out):
+    """The first tensor leaf of a model's output."""
+    import torch
+
+    for attr in ("logits", "sample", "predicted_depth", "last_hidden_state"):
+        t = getattr(out, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        t = main_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def digest(out) -> str:
+    t = main_tensor(out)
+    if t is None:
+        return "no tensor in the output"
+    return hashlib.sha256(t.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def output_checks(names: list[str], outputs: list) -> dict:
+    """Each model's first-output digest, and whether its later calls gave the same bytes."""
+    digests, repeat_equal = {}, True
+    for name, out in zip(names, outputs):
+        d = digest(out)
+        repeat_equal &= digests.setdefault(name, d) == d
+    return {"digests": digests, "repeat_equal": repeat_equal}
+
+
+def samples_of(sampler) -> dict:
+    return {"times": [round(t, 5) for t in sampler.times], "bytes": list(sampler.bytes)}
+
+
+def tensor_bytes(model) -> int:
+    return C.tensor_bytes_where(model, lambda t: True)
+
+
+def link_rate(dev) -> dict:
+    """Pinned host-to-device bytes/s of a 256 MiB tensor, median of 5 (CPU: a RAM-to-RAM copy)."""
+    import torch
+
+    n = 256 * 2**20
+    cuda = dev.type == "cuda"
+    src = torch.ones(n, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(n, dtype=torch.uint8, device=dev)
+    rates = []
+    for i in range(7):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+            b.synchronize()
+            dt = a.elapsed_time(b) / 1e3
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            dt = time.perf_counter() - t
+        if i >= 2:
+            rates.append(n / dt)
+    return {"link_Bps": statistics.median(rates), "link_all_Bps": rates,
+            "link_kind": "pinned host-to-device" if cuda else "cpu RAM copy"}
+
+
+def child_flashmem(spec, dev) -> dict:
+    import torch
+    from flashmem.queue import run_queue
+
+    names = spec.sequence()
+    run = run_queue(spec)
+    row = {"total_s": run.total_s, "setup_s": run.setup_s, "peak_bytes": run.peak_bytes,
+           "average_bytes": run.average_bytes, "baseline_bytes": run.baseline_bytes,
+           "streamed_bytes": run.streamed_bytes, "samples": samples_of(run.sampler),
+           "per_call_s": [r.end_s - r.start_s for r in run.results]}
+    if dev.type == "cuda":
+        row["peak_alloc_bytes"] = torch.cuda.max_memory_allocated(dev)  # nothing was allocated before run_queue
+    row.update(output_checks(names, [r.output for r in run.results]))
+    del run
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    row.update(link_rate(dev))
+    return row
+
+
+def child_baseline(spec, dev, mode: str) -> dict:
+    """resident, load_each or accelerate_model_offload: warm-up pass, then the timed pass, sampled."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from flashmem.queue import MemorySampler, build_model, make_inputs
+    from flashmem.workload import _to_host  # the same output handling as Workload's
+
+    cuda = dev.type == "cuda"
+    models = {m.name: build_model(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
+    inputs = {m.name: make_inputs(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
+    nbytes = {name: tensor_bytes(m) for name, m in models.items()}
+    names = spec.sequence()
+    sampler = MemorySampler(dev)
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+    base, alloc_base = sampler.read(), (torch.cuda.memory_allocated(dev) if cuda else 0)
+    row: dict = {"model_bytes": sum(nbytes.values())}
+    before = after = None
+    t0 = time.perf_counter()
+    if mode == "resident":
+        try:
+            for m in models.values():
+                m.to(dev)
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(f"the models ({C.fmt_gb(row['model_bytes'])} GB) do not fit on {dev}: {err}") from None
+    elif mode == "load_each":
+        before = lambda name: models[name].to(dev)  # noqa: E731
+
+        def after(name):
+            models[name].to("cpu")
+            if cuda:
+                torch.cuda.empty_cache()
+    elif mode == "accelerate_model_offload":
+        try:
+            from accelerate import cpu_offload_with_hook
+        except ImportError as err:
+            raise RuntimeError(f"accelerate is not importable here ({err})") from None
+        hook = None
+        for m in models.values():  # the spec's model order, like a pipeline's model_cpu_offload_seq
+            _, hook = cpu_offload_with_hook(m, execution_device=dev, prev_module_hook=hook)
+        row["config"] = f"cpu_offload_with_hook chain in order {list(models)}"
+    setup_s = time.perf_counter() - t0
+    onloaded = [0]
+
+    def one_pass() -> tuple[list, list[float]]:
+        outs, times = [], []
+        onloaded[0] = 0
+        with torch.no_grad():
+            for name in names:
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                t = time.perf_counter()
+                if next(models[name].parameters()).device != dev:
+                    onloaded[0] += nbytes[name]
+                if before:
+                    before(name)
+                kwargs = tree_map(lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x, inputs[name])
+                outs.append(_to_host(models[name](**kwargs)))
+                if after:
+                    after(name)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - t)
+        return outs, times
+
+    one_pass()  # warm-up
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        base = sampler.read()  # as run_queue: RSS after the warm-up holds the models and their code
+    sampler.start()
+    t1 = time.perf_counter()
+    outs, times = one_pass()
+    total = time.perf_counter() - t1
+    sampler.stop()
+    peak = max(sampler.bytes)
+    if cuda:
+        peak = max(peak, torch.cuda.max_memory_reserved(dev))
+        row["peak_alloc_bytes"] = torch.cuda.max_memory_allocated(dev) - alloc_base
+    row.update(total_s=total, setup_s=setup_s, peak_bytes=peak - base,
+               average_bytes=sampler.average_bytes() - base, baseline_bytes=base,
+               streamed_bytes=onloaded[0], samples=samples_of(sampler), per_call_s=times)
+    row.update(output_checks(names, outs))
+    return row
+
+
+def child(args) -> None:
+    base = {"mode": args.mode}
+    try:
+        import torch
+
+        spec = load(args)
+        dev = torch.device(spec.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available in this process; pass --device cpu for a dry run")
+        base.update(device=str(dev), budget_bytes=spec.budget_bytes, calls=len(spec.sequence()),
+                    versions={"torch": torch.__version__, "gpu": torch.cuda.get_device_name(dev)
+                              if dev.type == "cuda" else None})
+        row = child_flashmem(spec, dev) if args.mode == "flashmem" else child_baseline(spec, dev, args.mode)
+        row["within_budget"] = row["peak_bytes"] <= spec.budget_bytes
+        C.emit(dict(base, **row))
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a row
+        C.emit(C.error_row(base, e))
+
+
+# ==== parent ==============================================================================================
+def per_model_ms(row: dict, names: list[str]) -> dict:
+    by: dict[str, list[float]] = {}
+    for name, t in zip(names, row.get("per_call_s", [])):
+        by.setdefault(name, []).append(t * 1e3)
+    return {k: round(statistics.median(v), 2) for k, v in by.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.mode:
+        child(args)
+        return 0
+    t0 = time.perf_counter()
+    spec = load(args)
+    names = spec.sequence()
+    logs = Path(tempfile.gettempdir()) / "flashmem-bench-queue" / "logs"
+    for old in logs.glob("*.log"):
+        old.unlink()
+    script = str(Path(__file__).resolve())
+    common = ["--spec", args.spec] + (["--device", args.device] if args.device else []) \
+        + (["--rounds", str(args.rounds)] if args.rounds is not None else [])
+    rows = []
+    for mode in args.mode_list:
+        row = C.run_child(script, ["--mode", mode] + common, logs / f"{mode}.log", args.child_timeout)[0]
+        row.setdefault("mode", mode)
+        row["per_model_median_ms"] = per_model_ms(row, names)
+        rows.append(row)
+        brief = row.get("error") or f"{row['total_s']:.2f} s, peak {C.fmt_gb(row['peak_bytes'])} GB"
+        print(f"[{time.perf_counter() - t0:6.1f}s] {mode}: {brief}", flush=True)
+
+    by_mode = {r["mode"]: r for r in rows}
+    ref = by_mode.get("resident", {}).get("digests")
+    for r in rows:
+        r["equal"] = None if ref is None or "digests" not in r else r["digests"] == ref
+    fm, res = by_mode.get("flashmem", {}), by_mode.get("resident", {})
+    if "total_s" in fm and "total_s" in res and fm.get("link_Bps"):
+        fm["link_s"] = fm["streamed_bytes"] / fm["link_Bps"]
+        fm["floor_s"] = max(res["total_s"], fm["link_s"])
+        fm["x_floor"] = fm["total_s"] / fm["floor_s"]
+
+    samples = {r["mode"]: r.pop("samples") for r in rows if "samples" in r}
+    out = C.out_dir()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"script": "bench_queue.py", "argv": sys.argv[1:], "spec": args.spec, "device": spec.device,
+               "budget_bytes": spec.budget_bytes, "sequence": names, "rows": rows}
+        (out / "bench_queue.json").write_text(json.dumps(doc, indent=1, default=str))
+        mem = {m: dict(s, baseline_bytes=by_mode[m]["baseline_bytes"]) for m, s in samples.items()}
+        (out / "bench_queue_memory.json").write_text(json.dumps(mem))
+        C.copy_logs(logs, out / "bench_queue_logs")
+        if samples:
+            from flashmem.queue import plot_memory
+
+            plot_memory({m: SimpleNamespace(**s) for m, s in samples.items()}, spec.budget_bytes,
+                        out / "bench_queue.png", baselines={m: by_mode[m]["baseline_bytes"] for m in samples})
+
+    print()
+    for r in rows:
+        if r.get("error"):
+            print(f"ERROR {r['mode']}: {r['error']}" + (f"\n{r['log_tail']}" if r.get("log_tail") else ""))
+    if "link_Bps" in fm:
+        print(f"link ({fm['link_kind']}): {fm['link_Bps'] / 1e9:.2f} GB/s")
+    for r in rows:
+        if r.get("per_model_median_ms"):
+            print(f"{r['mode']} per-model median ms: {r['per_model_median_ms']}")
+    gpu = next((r["versions"]["gpu"] for r in rows if r.get("versions", {}).get("gpu")), None)
+    print(f"\n{args.spec}: {len(spec.models)} models, {len(names)} calls ({spec.rounds} rounds, order "
+          f"{spec.order if spec.order == 'random' else 'fixed'}), {str(spec.dtype).replace('torch.', '')}, "
+          f"device {spec.device}{f' ({gpu})' if gpu else ''}, budget {C.fmt_gb(spec.budget_bytes)} GB; "
+          f"memory in GB (10^9) over each mode's baseline ({'reserved' if spec.device.startswith('cuda') else 'RSS'})"
+          f"; {time.perf_counter() - t0:.0f} s in all" + (f"; rows in {out / 'bench_queue.json'}" if out else ""))
+    headers = ["mode", "total s", "x resident", "floor s", "x floor", "peak GB", "avg GB", "budget GB",
+               "peak<=budget", "copied GB/seq", "equal", "error"]
+    table = []
+    for r in rows:
+        ok = "total_s" in r
+        x_res = (r["total_s"] / res["total_s"]) if ok and "total_s" in res else None
+        table.append([r["mode"], ok and f"{r['total_s']:.3f}", x_res and f"{x_res:.2f}",
+                      r.get("floor_s") and f"{r['floor_s']:.3f}", r.get("x_floor") and f"{r['x_floor']:.2f}",
+                      ok and C.fmt_gb(r["peak_bytes"]), ok and C.fmt_gb(r["average_bytes"]),
+                      C.fmt_gb(spec.budget_bytes), r.get("within_budget"),
+                      ok and C.fmt_gb(r["streamed_bytes"]), r.get("equal"),
+                      (r.get("error") or "")[:80].replace("|", "/") or None])
+    print(C.markdown_table(headers, [[None if c is False and i < 8 else c for i, c in enumerate(row)]
+                                     for row in table]))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

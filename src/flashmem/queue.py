@@ -1,0 +1,290 @@
+"""Queues described in a file: the models, their inputs, the order of calls and the budget, run as one
+`Workload` by `flashmem queue spec.json`, with a table and a plot of memory over time.
+
+A spec (JSON):
+
+    {"device": "cuda", "budget": "1.5GB", "dtype": "float16", "rounds": 10, "order": "random", "seed": 0,
+     "models": [
+        {"name": "gpt", "transformers": "GPTNeoForCausalLM", "config": {"hidden_size": 2048, ...},
+         "inputs": {"input_ids": {"shape": [1, 128], "dtype": "int64", "high": 50257}}},
+        {"name": "unet", "diffusers": "UNet2DConditionModel", "config": {...},
+         "inputs": {"sample": {"shape": [1, 4, 64, 64]}, "timestep": {"value": 10},
+                    "encoder_hidden_states": {"shape": [1, 77, 768]}}},
+        {"name": "local", "folder": "path/to/model", "inputs": {...}}]}
+
+Models come from a transformers or diffusers class and a config (random weights, seeded), or from a
+model folder. Inputs are keyword arguments: a tensor of `shape` (`dtype`, default the model's dtype;
+integers below `high`), or a plain `value`. `order` is "random" (each round a random permutation, from
+`seed`) or a list of model names (one round).
+"""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FlashmemError
+from .units import fmt_bytes, parse_bytes
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int64": torch.int64,
+          "int32": torch.int32}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # "transformers", "diffusers" or "folder"
+    target: str  # class name, or the folder's path
+    config: dict
+    inputs: dict
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    models: tuple[ModelSpec, ...]
+    budget_bytes: int
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    rounds: int = 1
+    order: tuple[str, ...] | str = "random"
+    seed: int = 0
+    cpu_reads: str = "auto"
+
+    def sequence(self) -> list[str]:
+        """The model names in call order: `rounds` rounds of `order` (a random permutation per round)."""
+        names = [m.name for m in self.models]
+        rng = random.Random(self.seed)
+        out = []
+        for _ in range(self.rounds):
+            if self.order == "random":
+                out.extend(rng.sample(names, len(names)))
+            else:
+                out.extend(self.order)
+        return out
+
+
+def load_spec(path: str | Path) -> QueueSpec:
+    raw = json.loads(Path(path).read_text())
+    return parse_spec(raw, base=Path(path).parent)
+
+
+def parse_spec(raw: dict, base: Path = Path(".")) -> QueueSpec:
+    if not isinstance(raw, dict) or not raw.get("models"):
+        raise FlashmemError("a queue spec is a JSON object with a non-empty \"models\" list")
+    if "budget" not in raw:
+        raise FlashmemError("the queue spec has no \"budget\" (bytes, or a string such as \"1.5GB\")")
+    models = []
+    for i, m in enumerate(raw["models"]):
+        kinds = [k for k in ("transformers", "diffusers", "folder") if k in m]
+        if len(kinds) != 1 or "name" not in m:
+            raise FlashmemError(f"model {i} of the spec needs a \"name\" and one of \"transformers\", "
+                                f"\"diffusers\" (a class name, with \"config\") or \"folder\"")
+        target = m[kinds[0]]
+        if kinds[0] == "folder":
+            target = str((base / target).resolve())
+        models.append(ModelSpec(m["name"], kinds[0], target, dict(m.get("config", {})), dict(m.get("inputs", {}))))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise FlashmemError(f"model names repeat in the spec: {names}")
+    dtype = DTYPES.get(raw.get("dtype", "float32"))
+    if dtype is None:
+        raise FlashmemError(f"dtype {raw.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    order = raw.get("order", "random")
+    if order != "random":
+        order = tuple(order)
+        unknown = sorted(set(order) - set(names))
+        if unknown:
+            raise FlashmemError(f"the order names models the spec lacks: {unknown}")
+    return QueueSpec(tuple(models), parse_bytes(raw["budget"]), raw.get("device", "cpu"), dtype,
+                     int(raw.get("rounds", 1)), order, int(raw.get("seed", 0)), raw.get("cpu_reads", "auto"))
+
+
+def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """The model of `spec` on the CPU in `dtype`, with random weights from `seed` (or a folder's weights)."""
+    torch.manual_seed(seed)
+    if spec.kind == "transformers":
+        import transformers
+
+        cls = getattr(transformers, spec.target, None)
+        if cls is None:
+            raise FlashmemError(f"transformers {transformers.__version__} has no class {spec.target!r}")
+        model = cls._from_config(cls.config_class(**spec.config), dtype=dtype)
+    elif spec.kind == "diffusers":
+        try:
+            import diffusers
+        except ImportError as err:
+            raise FlashmemError(f"model {spec.name!r} needs diffusers, which is not installed") from err
+        cls = getattr(diffusers, spec.target, None)
+        if cls is None:
+            raise FlashmemError(f"diffusers {diffusers.__version__} has no class {spec.target!r}")
+        model = cls.from_config(spec.config)
+    else:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(spec.target)
+    return model.to(dtype).eval()
+
+
+def make_inputs(spec: ModelSpec, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+    """The keyword inputs of one call of the model (random tensors from `seed`)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, desc in spec.inputs.items():
+        if "value" in desc:
+            out[key] = desc["value"]
+            continue
+        t_dtype = DTYPES[desc["dtype"]] if "dtype" in desc else dtype
+        shape = tuple(desc["shape"])
+        if t_dtype.is_floating_point:
+            out[key] = torch.randn(shape, generator=g).to(t_dtype)
+        else:
+            out[key] = torch.randint(0, int(desc.get("high", 100)), shape, generator=g, dtype=t_dtype)
+    return out
+
+
+class MemorySampler:
+    """Samples the device memory in use (CUDA: the caching allocator's reserved bytes; CPU: RSS) every
+    `interval_s` on a thread, from `start()` to `stop()`."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.times: list[float] = []
+        self.bytes: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_reserved(self.device)
+        from .run_cpu import rss_bytes
+
+        return rss_bytes()
+
+    def start(self) -> "MemorySampler":
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="flashmem-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.times.append(time.perf_counter() - self.t0)
+            self.bytes.append(self.read())
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> "MemorySampler":
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.times.append(time.perf_counter() - self.t0)
+        self.bytes.append(self.read())
+        return self
+
+    def average_bytes(self) -> float:
+        """Time-weighted mean of the samples."""
+        if len(self.times) < 2:
+            return float(self.bytes[0]) if self.bytes else 0.0
+        total = sum((b - a) * m for a, b, m in zip(self.times, self.times[1:], self.bytes))
+        return total / (self.times[-1] - self.times[0])
+
+
+@dataclass
+class QueueRun:
+    """What `run_queue` measured."""
+    results: list = field(default_factory=list)  # CallResult per call
+    total_s: float = 0.0
+    setup_s: float = 0.0
+    peak_bytes: int = 0  # device memory over the baseline at its peak (CUDA: reserved; CPU: RSS)
+    average_bytes: float = 0.0
+    streamed_bytes: int = 0
+    budget_bytes: int = 0
+    sampler: MemorySampler | None = None
+    baseline_bytes: int = 0
+
+
+def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
+    """Build the spec's models, make a Workload under its budget, run its sequence (after one untimed run
+    of the same sequence when `warmup`), sampling memory."""
+    from .workload import Workload
+
+    device = torch.device(spec.device)
+    models = {m.name: build_model(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
+    inputs = {m.name: make_inputs(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
+    sampler = MemorySampler(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    base = sampler.read()  # on the CPU, taken again after the first run: RSS then holds the models' code
+    t0 = time.perf_counter()
+    wl = Workload(models, spec.budget_bytes, device=spec.device, examples={k: ((), v) for k, v in inputs.items()},
+                  cpu_reads=spec.cpu_reads)
+    calls = [(name, (), inputs[name]) for name in spec.sequence()]
+    try:
+        if warmup:
+            wl.run(calls)
+        setup_s = time.perf_counter() - t0
+        if device.type == "cpu":
+            import gc
+
+            gc.collect()
+            base = sampler.read()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        sampler.start()
+        t1 = time.perf_counter()
+        results = wl.run(calls)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - t1
+        sampler.stop()
+        peak = max(sampler.bytes)
+        if device.type == "cuda":
+            peak = max(peak, torch.cuda.max_memory_reserved(device))
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            raise FlashmemError(f"{len(failed)} of {len(results)} calls failed; the first: {failed[0].error!r}")
+        return QueueRun(results, total, setup_s, peak - base, sampler.average_bytes() - base,
+                        wl.plan.streamed_bytes, spec.budget_bytes, sampler, base)
+    finally:
+        wl.close()
+
+
+def table_rows(run: QueueRun) -> list[tuple[str, ...]]:
+    """Per model: calls and median latency; then the totals."""
+    by_model: dict[str, list[float]] = {}
+    for r in run.results:
+        by_model.setdefault(r.name, []).append(r.end_s - r.start_s)
+    rows = []
+    for name, times in by_model.items():
+        times = sorted(times)
+        rows.append((name, str(len(times)), f"{times[len(times) // 2] * 1e3:.1f}"))
+    return rows
+
+
+def plot_memory(runs: dict[str, MemorySampler], budget_bytes: int, path: str | Path, baselines=None) -> None:
+    """Memory over time of one or more runs (label -> sampler), against the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for label, sampler in runs.items():
+        base = (baselines or {}).get(label, 0)
+        ax.plot(sampler.times, [(b - base) / 1e9 for b in sampler.bytes], label=label, linewidth=1)
+    ax.axhline(budget_bytes / 1e9, color="red", linestyle="--", linewidth=1, label=f"budget {fmt_bytes(budget_bytes)}")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("device memory in use (GB)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
