@@ -349,16 +349,15 @@ def main(argv=None) -> int:
                "peak<=budget", "copied GB/seq", "equal", "error"]
     table = []
     for r in rows:
-        ok = "total_s" in r
-        x_res = (r["total_s"] / res["total_s"]) if ok and "total_s" in res else None
-        table.append([r["mode"], ok and f"{r['total_s']:.3f}", x_res and f"{x_res:.2f}",
-                      r.get("floor_s") and f"{r['floor_s']:.3f}", r.get("x_floor") and f"{r['x_floor']:.2f}",
-                      ok and C.fmt_gb(r["peak_bytes"]), ok and C.fmt_gb(r["average_bytes"]),
-                      C.fmt_gb(spec.budget_bytes), r.get("within_budget"),
-                      ok and C.fmt_gb(r["streamed_bytes"]), r.get("equal"),
+        def num(key, fmt="{:.3f}", scale=1.0):
+            return None if r.get(key) is None else fmt.format(r[key] / scale)
+
+        x_res = r["total_s"] / res["total_s"] if "total_s" in r and "total_s" in res else None
+        table.append([r["mode"], num("total_s"), x_res and f"{x_res:.2f}", num("floor_s"), num("x_floor", "{:.2f}"),
+                      num("peak_bytes", scale=1e9), num("average_bytes", scale=1e9), C.fmt_gb(spec.budget_bytes),
+                      r.get("within_budget"), num("streamed_bytes", scale=1e9), r.get("equal"),
                       (r.get("error") or "")[:80].replace("|", "/") or None])
-    print(C.markdown_table(headers, [[None if c is False and i < 8 else c for i, c in enumerate(row)]
-                                     for row in table]))
+    print(C.markdown_table(headers, table))
     return 0 if all("error" not in r for r in rows) else 1
 
 

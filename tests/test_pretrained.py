@@ -192,3 +192,33 @@ def test_shard_outside_the_folder_is_refused(llama_sharded_folder, tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(BadModelFolder, match="outside the model folder"):
         flashmem.from_pretrained(folder, "1MiB")
+
+
+def test_host_store_reads_in_the_background_and_waits_per_weight(tmp_path):
+    """The pinned host store of a CUDA from_pretrained fills on several threads; each read waits for its
+    weight, the bytes are the file's, and a failed read surfaces in the reader."""
+    from safetensors.torch import save_file
+
+    from flashmem.files import TensorLocation, read_header
+    from flashmem.store import HostStore
+
+    tensors = {f"w{i}": torch.randn(1000 + 37 * i) for i in range(20)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    header = read_header(tmp_path / "w.safetensors")
+    locs = [header[f"w{i}"] for i in range(20)]
+    store = HostStore([loc.nbytes for loc in locs])
+    store.fill_in_background(locs + [], threads=3)
+    for i in reversed(range(20)):
+        out = torch.empty(locs[i].nbytes, dtype=torch.uint8)
+        store.read_into(i, out)
+        assert torch.equal(out.view(torch.float32), tensors[f"w{i}"])
+    store.wait_all()
+    store.close()
+    missing = TensorLocation(str(tmp_path / "gone.safetensors"), 8, 16, torch.float32, (4,))
+    store = HostStore([16, 16])
+    store.fill_in_background([missing, missing], threads=2)
+    with pytest.raises(flashmem.FlashmemError, match="reading the weights from storage failed"):
+        store.read_into(1, torch.empty(16, dtype=torch.uint8))
+    with pytest.raises(flashmem.FlashmemError):
+        store.wait_all()
+    store.close()

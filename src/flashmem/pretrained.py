@@ -1,8 +1,10 @@
 """`flashmem.from_pretrained`: a Hugging Face-style model folder (config.json plus *.safetensors),
 built on the meta device and streamed from its files without a full copy in RAM.
 
-On CUDA every weight is read once from the files into pinned host memory; on the CPU the weights stay
-in the files and are read into the RAM arena as the plan says, so RAM holds no more than the budget.
+On CUDA every weight is read once from the files into pinned host memory, on several threads in the
+background, while the first call (the trace) already runs: a weight it needs first is waited for, so
+storage reads overlap compute from the first op. On the CPU the weights stay in the files and are read
+(or mapped) as the plan says, so RAM holds no more than the budget.
 """
 from __future__ import annotations
 
@@ -97,13 +99,9 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                 raise BadModelFolder(f"weight {w.name!r} is {loc.dtype} in {Path(loc.path).name} but the model "
                                      f"was built in {w.dtype}; pass dtype={loc.dtype}")
             found.append(loc)
-        if device.type == "cuda":
+        if device.type == "cuda":  # read in the background: the trace (the first call) starts at once
             store = HostStore([w.nbytes for w in mw.weights])
-            for i, src in enumerate(found):
-                if isinstance(src, torch.Tensor):
-                    store.fill_from_tensor(i, src)
-                else:
-                    store.fill_from_file(i, src)
+            store.fill_in_background(found)
             return store
         return FileStore.spill(found, [w.name for w in mw.weights])
 

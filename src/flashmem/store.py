@@ -67,10 +67,59 @@ class HostStore:
         finally:
             os.close(fd)
 
+    def fill_in_background(self, sources: list, threads: int = 4) -> None:
+        """Read every weight (a TensorLocation, or a tensor) into the buffer on `threads` threads, in weight
+        order, several reads in flight; `read_into` waits for its weight, so a model's first ops run while
+        later weights are still being read (a cold start overlaps storage with compute)."""
+        self._ready = [threading.Event() for _ in sources]
+        self._fill_error: BaseException | None = None
+        cursor = iter(range(len(sources)))
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    i = next(cursor, None)
+                if i is None or self._fill_error is not None:
+                    return
+                try:
+                    src = sources[i]
+                    if isinstance(src, torch.Tensor):
+                        self.fill_from_tensor(i, src)
+                    else:
+                        self.fill_from_file(i, src)
+                except BaseException as err:  # surfaced by read_into / wait_all
+                    self._fill_error = err
+                    for ev in self._ready:
+                        ev.set()
+                    return
+                self._ready[i].set()
+
+        self._fillers = [threading.Thread(target=work, name=f"flashmem-read-{k}", daemon=True) for k in range(threads)]
+        for t in self._fillers:
+            t.start()
+
+    def _wait(self, weight: int) -> None:
+        ready = getattr(self, "_ready", None)
+        if ready is not None:
+            ready[weight].wait()
+            if self._fill_error is not None:
+                raise FlashmemError(f"reading the weights from storage failed: {self._fill_error}") from self._fill_error
+
+    def wait_all(self) -> None:
+        """Until every weight is in the buffer."""
+        for t in getattr(self, "_fillers", ()):
+            t.join()
+        if getattr(self, "_fill_error", None) is not None:
+            raise FlashmemError(f"reading the weights from storage failed: {self._fill_error}") from self._fill_error
+
     def read_into(self, weight: int, dst: torch.Tensor) -> None:
+        self._wait(weight)
         dst.copy_(self.view(weight))
 
     def close(self) -> None:
+        for t in getattr(self, "_fillers", ()):
+            t.join()
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self._registered = False

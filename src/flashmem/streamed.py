@@ -212,6 +212,8 @@ class StreamedModel:
             return
         self._ensure_store()
         self._originals = None
+        if isinstance(self._store, HostStore):
+            self._store.wait_all()  # the movers copy from the pinned buffer without asking
         if self._mapped:
             self._activate_mapped(program, plan)
             return
