@@ -112,10 +112,6 @@ def samples_of(sampler) -> dict:
     return {"times": [round(t, 5) for t in sampler.times], "bytes": list(sampler.bytes)}
 
 
-def tensor_bytes(model) -> int:
-    return C.tensor_bytes_where(model, lambda t: True)
-
-
 def link_rate(dev) -> dict:
     """Pinned host-to-device bytes/s of a 256 MiB tensor, median of 5 (CPU: a RAM-to-RAM copy)."""
     import torch
@@ -153,12 +149,11 @@ def child_flashmem(spec, dev) -> dict:
            "average_bytes": run.average_bytes, "baseline_bytes": run.baseline_bytes,
            "streamed_bytes": run.streamed_bytes, "samples": samples_of(run.sampler),
            "per_call_s": [r.end_s - r.start_s for r in run.results]}
-    if dev.type == "cuda":
-        row["peak_alloc_bytes"] = torch.cuda.max_memory_allocated(dev)  # nothing was allocated before run_queue
     row.update(output_checks(names, [r.output for r in run.results]))
     del run
     gc.collect()
     if dev.type == "cuda":
+        row["peak_alloc_bytes"] = torch.cuda.max_memory_allocated(dev)  # nothing was allocated before run_queue
         torch.cuda.empty_cache()
     row.update(link_rate(dev))
     return row
@@ -175,7 +170,7 @@ def child_baseline(spec, dev, mode: str) -> dict:
     cuda = dev.type == "cuda"
     models = {m.name: build_model(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
     inputs = {m.name: make_inputs(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
-    nbytes = {name: tensor_bytes(m) for name, m in models.items()}
+    nbytes = {name: C.tensor_bytes_where(m, lambda t: True) for name, m in models.items()}
     names = spec.sequence()
     sampler = MemorySampler(dev)
     if cuda:
@@ -183,7 +178,7 @@ def child_baseline(spec, dev, mode: str) -> dict:
         torch.cuda.empty_cache()
     base, alloc_base = sampler.read(), (torch.cuda.memory_allocated(dev) if cuda else 0)
     row: dict = {"model_bytes": sum(nbytes.values())}
-    before = after = None
+    before = after = None  # per-call actions of load_each
     t0 = time.perf_counter()
     if mode == "resident":
         try:
@@ -193,11 +188,7 @@ def child_baseline(spec, dev, mode: str) -> dict:
             raise RuntimeError(f"the models ({C.fmt_gb(row['model_bytes'])} GB) do not fit on {dev}: {err}") from None
     elif mode == "load_each":
         before = lambda name: models[name].to(dev)  # noqa: E731
-
-        def after(name):
-            models[name].to("cpu")
-            if cuda:
-                torch.cuda.empty_cache()
+        after = lambda name: (models[name].to("cpu"), cuda and torch.cuda.empty_cache())  # noqa: E731
     elif mode == "accelerate_model_offload":
         try:
             from accelerate import cpu_offload_with_hook
@@ -263,6 +254,8 @@ def child(args) -> None:
         dev = torch.device(spec.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available in this process; pass --device cpu for a dry run")
+        if dev.type == "cuda" and dev.index is None:  # parameters report cuda:0, which != cuda
+            dev = torch.device("cuda", torch.cuda.current_device())
         base.update(device=str(dev), budget_bytes=spec.budget_bytes, calls=len(spec.sequence()),
                     versions={"torch": torch.__version__, "gpu": torch.cuda.get_device_name(dev)
                               if dev.type == "cuda" else None})

@@ -94,7 +94,7 @@ def parse_spec(raw: dict, base: Path = Path(".")) -> QueueSpec:
     if len(set(names)) != len(names):
         raise FlashmemError(f"model names repeat in the spec: {names}")
     dtype = DTYPES.get(raw.get("dtype", "float32"))
-    if dtype is None:
+    if dtype is None or not dtype.is_floating_point:
         raise FlashmemError(f"dtype {raw.get('dtype')!r} is not one of {', '.join(DTYPES)}")
     order = raw.get("order", "random")
     if order != "random":
@@ -126,9 +126,11 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0) -> nn.Module
             raise FlashmemError(f"diffusers {diffusers.__version__} has no class {spec.target!r}")
         model = cls.from_config(spec.config)
     else:
-        from transformers import AutoModel
+        from transformers import AutoConfig
 
-        model = AutoModel.from_pretrained(spec.target)
+        from .pretrained import _model_class
+
+        model = _model_class(AutoConfig.from_pretrained(spec.target)).from_pretrained(spec.target, dtype=dtype)
     return model.to(dtype).eval()
 
 
@@ -160,6 +162,7 @@ class MemorySampler:
         self.bytes: list[int] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.t0 = time.perf_counter()
 
     def read(self) -> int:
         if self.device.type == "cuda":
@@ -190,7 +193,7 @@ class MemorySampler:
 
     def average_bytes(self) -> float:
         """Time-weighted mean of the samples."""
-        if len(self.times) < 2:
+        if len(self.times) < 2 or self.times[-1] <= self.times[0]:
             return float(self.bytes[0]) if self.bytes else 0.0
         total = sum((b - a) * m for a, b, m in zip(self.times, self.times[1:], self.bytes))
         return total / (self.times[-1] - self.times[0])
@@ -202,7 +205,8 @@ class QueueRun:
     results: list = field(default_factory=list)  # CallResult per call
     total_s: float = 0.0
     setup_s: float = 0.0
-    peak_bytes: int = 0  # device memory over the baseline at its peak (CUDA: reserved; CPU: RSS)
+    peak_bytes: int = 0  # device memory over the baseline at its peak (CUDA: reserved over what the process
+    # held before the Workload; CPU: RSS over what it held after the untimed run, i.e. the calls' growth)
     average_bytes: float = 0.0
     streamed_bytes: int = 0
     budget_bytes: int = 0
@@ -281,7 +285,7 @@ def plot_memory(runs: dict[str, MemorySampler], budget_bytes: int, path: str | P
     for label, sampler in runs.items():
         base = (baselines or {}).get(label, 0)
         ax.plot(sampler.times, [(b - base) / 1e9 for b in sampler.bytes], label=label, linewidth=1)
-    ax.axhline(budget_bytes / 1e9, color="red", linestyle="--", linewidth=1, label=f"budget {fmt_bytes(budget_bytes)}")
+    ax.axhline(budget_bytes / 1e9, color="red", linestyle="--", linewidth=1, label=f"budget {budget_bytes / 1e9:.2f} GB")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("device memory in use (GB)")
     ax.legend(loc="upper right", fontsize=8)

@@ -59,12 +59,18 @@ class _Queue(nn.Module):
         self.on_boundary = None  # called before each call and after the last, with the call's index
         self.keep_on_device = False
         self.results: list = []
-        self.skip = 0  # calls of the sequence already done (after a failure, the rest runs again)
+        # Called when the model changes (CUDA: empty the allocator's cache, so that one model's cached
+        # activation blocks do not stay reserved beside the next model's: each call's activations were
+        # measured from an empty cache). The call before has ended with its output copied to the host, so
+        # the synchronisation this costs is already there.
+        self.between_models = None
 
     def forward(self, calls: tuple[Call, ...]):
         for k, (name, args, kwargs) in enumerate(calls):
             if self.on_boundary:
                 self.on_boundary(k)
+            if k and self.between_models and name != calls[k - 1][0]:
+                self.between_models()
             out = self.members[name](*args, **kwargs)
             if not self.keep_on_device:
                 out = _to_host(out)
@@ -117,6 +123,8 @@ class Workload:
                                              source=_store_from_tensors, debug=debug, cpu_reads=cpu_reads,
                                              hooks=self._hook_up)
         self._tracing_calls = None
+        if self.streamed.device.type == "cuda" and not keep_on_device:
+            self.queue.between_models = torch.cuda.empty_cache
         self.last: list[CallResult] = []
 
     def _hook_up(self, sm: StreamedModel) -> None:
@@ -208,9 +216,7 @@ class Workload:
                 error = err
             finally:
                 self.queue.on_boundary = self._boundary
-                if self._tracing_calls is not None and error is not None:
-                    self._tracing_calls = None
-            self._tracing_calls = None
+                self._tracing_calls = None
             outs = self.queue.results
             stamps = times[1:]
             for k, out in enumerate(outs):
