@@ -65,9 +65,8 @@ def parse_args(argv=None):
     args.tokens = args.tokens or (48 if args.small else 512)
     args.budget = args.budget or ("0.25x" if args.small else "1GiB")
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in args.mode_list:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}")
+    if set(args.mode_list) - set(MODES):
+        p.error(f"unknown modes {sorted(set(args.mode_list) - set(MODES))}")
     return args
 
 
@@ -93,35 +92,24 @@ def fs_type(path: Path) -> str:
 
 def resident_fraction(files: list[Path]) -> float | None:
     """Share of the files' pages in the page cache (mincore), None where it cannot be asked."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        page, have, total = os.sysconf("SC_PAGE_SIZE"), 0, 0
-        for f in files:
-            size = f.stat().st_size
-            if size == 0:
-                continue
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-                if addr is None or addr == ctypes.c_void_p(-1).value:
-                    return None
-                try:
-                    n = (size + page - 1) // page
-                    vec = (ctypes.c_ubyte * n)()
-                    if libc.mincore(addr, size, vec) != 0:
-                        return None
-                    have, total = have + n - bytes(vec).count(0), total + n
-                finally:
-                    libc.munmap(addr, size)
-            finally:
-                os.close(fd)
-        return have / total if total else None
-    except Exception:  # noqa: BLE001 - informational
-        return None
+    libc, page, have, total = ctypes.CDLL(None, use_errno=True), os.sysconf("SC_PAGE_SIZE"), 0, 0
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes, libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_size_t]
+    for f in (f for f in files if f.stat().st_size):
+        size, n = f.stat().st_size, -(-f.stat().st_size // page)
+        fd = os.open(f, os.O_RDONLY)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        os.close(fd)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        vec = (ctypes.c_ubyte * n)()
+        ok = libc.mincore(addr, size, vec) == 0
+        libc.munmap(addr, size)
+        if not ok:
+            return None
+        have, total = have + n - bytes(vec).count(0), total + n
+    return have / total if total else None
 
 
 def evict(files: list[Path]) -> dict:
@@ -202,8 +190,7 @@ def child_io(args) -> dict:
 
         size = 256 << 20
         host = torch.empty(size, dtype=torch.uint8, pin_memory=True).fill_(1)
-        dst = torch.empty(size, dtype=torch.uint8, device="cuda")
-        rates = []
+        dst, rates = torch.empty(size, dtype=torch.uint8, device="cuda"), []
         for i in range(7):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -237,17 +224,12 @@ def child_mode(args) -> dict:
     ids = torch.randint(0, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(dev)
     budget = int(args.budget)
     row = {"budget_bytes": budget, "torch": torch.__version__}
-    if cuda:
-        torch.cuda.init()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    if cuda:  # the CUDA context exists before t0 in every mode
+        torch.cuda.init(), torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
     row["rss_base_bytes"] = C.status_bytes("VmRSS:")
     row["before_t0_s"] = time.perf_counter() - T_PROCESS
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     sm = None
     with torch.no_grad():
@@ -290,8 +272,7 @@ def child_mode(args) -> dict:
 def child(args) -> None:
     base = {"mode": args.mode, "cache": args.cache, "device": args.device, "size": args.size, "tokens": args.tokens}
     try:
-        fn = {"prepare": child_prepare, "io": child_io}.get(args.mode, child_mode)
-        C.emit(dict(base, **fn(args)))
+        C.emit(dict(base, **{"prepare": child_prepare, "io": child_io}.get(args.mode, child_mode)(args)))
     except BaseException as e:  # noqa: BLE001 - every failure becomes a row
         C.emit(C.error_row(base, e))
 
@@ -366,9 +347,9 @@ def main(argv=None) -> int:
     for r in result["rows"]:
         print(f"{r['mode']} {r['cache']}: drop_caches allowed={r.get('drop_caches_allowed')}, page cache held "
               f"{r.get('resident_before')} of the files at start; floor parts {r.get('floor_parts_s')}"
-              + (f"; ERROR {r['error']}" if r.get("error") else "") + (f"; flashmem {r['fm_stats']}" if r.get("fm_stats") else ""))
+              + "".join(f"; {k} {r[k]}" for k in ("error", "fm_stats", "device_map_values", "note") if r.get(k)))
     print(f"\nGPT-Neo-{args.size} fp16, {C.fmt_gb(nbytes)} GB in {len(files)} files on {io.get('fs_type')}, "
-          f"{args.tokens} tokens, batch 1, {args.device}, budget {budget / 2**30:.3f} GiB; storage cold "
+          f"{args.tokens} tokens, batch 1, {args.device}, budget {budget} B ({budget / 2**30:.4g} GiB); storage cold "
           f"{io.get('cold_gbps') and round(io['cold_gbps'], 2)} / warm {io.get('warm_gbps') and round(io['warm_gbps'], 2)} GB/s, "
           f"link {io.get('link_gbps') and round(io['link_gbps'], 1)} GB/s; seconds from just before the load; "
           f"{time.perf_counter() - t_start:.0f} s in all" + (f"; rows in {out / 'bench_cold.json'}" if out else ""))

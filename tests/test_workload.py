@@ -122,7 +122,7 @@ def test_a_failed_read_fails_that_call_and_the_queue_goes_on(monkeypatch, cpu_re
         mover = wl.streamed._executor.mover
         program, plan = wl.streamed.program, wl.plan
         # fail the first load used by the second call (llama)
-        llama_ops = [op.index for op in program.ops if op.module.startswith("members.llama")]
+        llama_ops = [op.index for op in program.ops if op.module.startswith(f"members.{wl.queue.keys['llama']}.")]
         target = next(j for j, load in enumerate(plan.loads) if load.first_use >= llama_ops[0])
         original = type(mover)._load
         state = {"armed": True}

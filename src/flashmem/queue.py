@@ -106,17 +106,23 @@ def parse_spec(raw: dict, base: Path = Path(".")) -> QueueSpec:
                      int(raw.get("rounds", 1)), order, int(raw.get("seed", 0)), raw.get("cpu_reads", "auto"))
 
 
-def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """The model of `spec` on the CPU in `dtype`, with random weights from `seed` (or a folder's weights)."""
-    torch.manual_seed(seed)
+def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0, fill_device: str = "cpu") -> nn.Module:
+    """The model of `spec` on the CPU in `dtype`, with random weights from `seed` (or a folder's weights).
+    Random weights are N(0, 0.02) (norm weights 1 + N(0, 0.02)), drawn on `fill_device` (a GPU draws
+    gigabytes in a blink) into a model built on the meta device: no initialiser runs."""
+    from accelerate import init_empty_weights
+
     if spec.kind == "transformers":
         import transformers
 
         cls = getattr(transformers, spec.target, None)
         if cls is None:
             raise FlashmemError(f"transformers {transformers.__version__} has no class {spec.target!r}")
-        model = cls._from_config(cls.config_class(**spec.config), dtype=dtype)
-    elif spec.kind == "diffusers":
+        with init_empty_weights(include_buffers=False):
+            model = cls._from_config(cls.config_class(**spec.config), dtype=dtype)
+        model.tie_weights()  # tied parameters (an LM head on the embedding) become one, as from_pretrained does
+        return _fill(model, dtype, seed, fill_device)
+    if spec.kind == "diffusers":
         try:
             import diffusers
         except ImportError as err:
@@ -124,13 +130,37 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0) -> nn.Module
         cls = getattr(diffusers, spec.target, None)
         if cls is None:
             raise FlashmemError(f"diffusers {diffusers.__version__} has no class {spec.target!r}")
-        model = cls.from_config(spec.config)
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(spec.config)
+        return _fill(model, dtype, seed, fill_device)
     else:
         from transformers import AutoConfig
 
         from .pretrained import _model_class
 
         model = _model_class(AutoConfig.from_pretrained(spec.target)).from_pretrained(spec.target, dtype=dtype)
+    return model.to(dtype).eval()
+
+
+def _fill(model: nn.Module, dtype: torch.dtype, seed: int, device: str) -> nn.Module:
+    """Give every meta parameter seeded random values (one tensor per parameter, however many modules
+    hold it, so tied weights stay tied)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    slots: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    params: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        norm = "norm" in type(module).__name__.lower()
+        for attr, p in module._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((module, attr, norm and attr == "weight"))
+                params[id(p)] = p
+    for key, p in params.items():
+        t = torch.randn(tuple(p.shape), generator=gen, device=device, dtype=torch.float32).mul_(0.02)
+        if any(norm for _, _, norm in slots[key]):
+            t.add_(1.0)
+        value = nn.Parameter(t.to(dtype).cpu(), requires_grad=False)
+        for module, attr, _ in slots[key]:
+            module._parameters[attr] = value
     return model.to(dtype).eval()
 
 

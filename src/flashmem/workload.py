@@ -54,7 +54,9 @@ class _Queue(nn.Module):
 
     def __init__(self, models: dict[str, nn.Module]):
         super().__init__()
-        self.members = nn.ModuleDict(models)
+        # children are named m0, m1, ... (a model's name may hold characters a module name may not)
+        self.keys = {name: f"m{i}" for i, name in enumerate(models)}
+        self.members = nn.ModuleDict({self.keys[name]: m for name, m in models.items()})
         self.marks: list[int] = []  # op count of the trace at each call's start (while tracing)
         self.on_boundary = None  # called before each call and after the last, with the call's index
         self.keep_on_device = False
@@ -71,7 +73,7 @@ class _Queue(nn.Module):
                 self.on_boundary(k)
             if k and self.between_models and name != calls[k - 1][0]:
                 self.between_models()
-            out = self.members[name](*args, **kwargs)
+            out = self.members[self.keys[name]](*args, **kwargs)
             if not self.keep_on_device:
                 out = _to_host(out)
             self.results.append(out)
@@ -166,7 +168,8 @@ class Workload:
             begin, end = marks[k], marks[k + 1]
             ops = tuple(Op(op.index - begin, op.module, op.weights, op.end_index - begin)
                         for op in program.ops[begin:end])
-            if any(not op.module.startswith(f"members.{name}.") and op.module != f"members.{name}" for op in ops):
+            key = self.queue.keys[name]
+            if any(not op.module.startswith(f"members.{key}.") and op.module != f"members.{key}" for op in ops):
                 raise FlashmemError(f"call {k} of the sequence ({name!r}) ran ops of another model")
             self.parts[(name, input_signature(args, kwargs))] = CallPart(ops, peaks[k])
         self.queue.marks = []
