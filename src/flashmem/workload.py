@@ -10,9 +10,9 @@ traced before is composed from those traced parts and planned without running an
                            examples={"vit": ((pixels,), {}), "gpt": ((ids,), {})})
     results = wl.run([("gpt", (ids,), {}), ("vit", (pixels,), {}), ("gpt", (ids,), {})])
 
-Each call's output is moved to the host as the call ends (device memory then holds no earlier output);
-`keep_on_device=True` keeps outputs where they are (their bytes then count as activations of the calls
-after them). A call that fails (a storage error, an exception in the model) gives its exception as its
+On CUDA each call's output is moved to the host as the call ends, so device memory holds no earlier output
+(objects in it other than tensors, such as a KV cache, are dropped); `keep_on_device=True` keeps outputs
+where they are (their bytes then count as activations of the calls after them). A call that fails (a storage error, an exception in the model) gives its exception as its
 result; the calls after it run on a plan for the rest of the sequence.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class _Queue(nn.Module):
         self.members = nn.ModuleDict({self.keys[name]: m for name, m in models.items()})
         self.marks: list[int] = []  # op count of the trace at each call's start (while tracing)
         self.on_boundary = None  # called before each call and after the last, with the call's index
-        self.keep_on_device = False
+        self.to_host = None  # CUDA: moves each call's output to the host as the call ends
         self.results: list = []
         # Called when the model changes (CUDA: empty the allocator's cache, so that one model's cached
         # activation blocks do not stay reserved beside the next model's: each call's activations were
@@ -74,8 +74,8 @@ class _Queue(nn.Module):
             if k and self.between_models and name != calls[k - 1][0]:
                 self.between_models()
             out = self.members[self.keys[name]](*args, **kwargs)
-            if not self.keep_on_device:
-                out = _to_host(out)
+            if self.to_host:
+                out = self.to_host(out)
             self.results.append(out)
         if self.on_boundary:
             self.on_boundary(len(calls))
@@ -83,6 +83,8 @@ class _Queue(nn.Module):
 
 
 def _to_host(out: Any) -> Any:
+    """A call's output with its tensors on the host. Other objects in it (a KV cache of a transformers
+    model) are dropped: they hold device memory that no budget counts once the call has ended."""
     if isinstance(out, torch.Tensor):
         return out.cpu()
     if isinstance(out, dict):  # transformers' ModelOutput is an ordered dict
@@ -93,7 +95,9 @@ def _to_host(out: Any) -> Any:
             return moved
     if isinstance(out, (tuple, list)):
         return type(out)(_to_host(v) for v in out)
-    return out
+    if isinstance(out, (int, float, bool, str, type(None))):
+        return out
+    return None
 
 
 class Workload:
@@ -114,8 +118,9 @@ class Workload:
                                 f"as examples={{name: (args, kwargs)}}")
         self.names = list(models)
         self.queue = _Queue(models)
-        self.queue.keep_on_device = keep_on_device
         self.queue.on_boundary = self._boundary
+        if torch.device(device).type == "cuda" and not keep_on_device:  # the trace's outputs too
+            self.queue.to_host = _to_host
         self.parts: dict[tuple[str, str], CallPart] = {}  # (model name, input signature) -> traced ops
         self._segment_peaks: list[int] = []
         self._tracing_calls: tuple[Call, ...] | None = None
