@@ -150,14 +150,17 @@ class Workload:
         self.queue.marks.append(len(tracer.ops))
         device = sm.device
         if device.type == "cuda":
+            # Each call's peak over what the device held when the trace began (not when the call began:
+            # what an earlier call left allocated for good, a cuBLAS workspace say, counts for every call),
+            # its reserved memory grown from an empty cache, as the streamed calls will find it.
             torch.cuda.synchronize(device)
-            if k > 0:
+            if k == 0:
+                self._alloc0, self._reserved0 = tracer.allocated0, tracer.reserved0
+            else:
                 peak = max(torch.cuda.max_memory_allocated(device) - self._alloc0,
                            torch.cuda.max_memory_reserved(device) - self._reserved0)
                 self._segment_peaks.append(max(peak, 0))
             torch.cuda.empty_cache()
-            self._alloc0 = torch.cuda.memory_allocated(device)
-            self._reserved0 = torch.cuda.memory_reserved(device)
             torch.cuda.reset_peak_memory_stats(device)
         elif k > 0:
             self._segment_peaks.append(0)
