@@ -74,7 +74,25 @@ class CudaMover:
         return out
 
     # -- a call --------------------------------------------------------------------------------------
+    def _cap(self) -> None:
+        """Cap the caching allocator for the call at what the device holds now plus what the budget leaves
+        beside the arena: where cached but unused blocks would take reserved memory past the budget, the
+        allocator frees them first (and a call whose activations outgrow their reserve fails with
+        out-of-memory instead of overrunning)."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        room = self.plan.budget_bytes - self.plan.arena_bytes - self.plan.buffer_bytes
+        # never below what is reserved already (the caller's own tensors may leave unreleasable slack)
+        limit = max(torch.cuda.memory_allocated(self.device) + max(room, 0), torch.cuda.memory_reserved(self.device))
+        self._fraction = torch.cuda.get_per_process_memory_fraction(self.device)
+        torch.cuda.set_per_process_memory_fraction(min(limit / total, self._fraction), self.device)
+
+    def _uncap(self) -> None:
+        if getattr(self, "_fraction", None) is not None:
+            torch.cuda.set_per_process_memory_fraction(self._fraction, self.device)
+            self._fraction = None
+
     def begin_call(self) -> None:
+        self._cap()
         stream = torch.cuda.current_stream(self.device)
         self.compute = stream
         self._stats = None
@@ -136,6 +154,7 @@ class CudaMover:
                 ev.record(self.compute)
 
     def end_call(self) -> None:
+        self._uncap()
         self.t_end.record(self.compute)
         held = self.plan.arena_bytes + self.plan.buffer_bytes
         activations = torch.cuda.max_memory_allocated(self.device) - self.alloc_start
@@ -149,6 +168,7 @@ class CudaMover:
         ev.record(self.copy_stream)
         torch.cuda.current_stream(self.device).wait_event(ev)
         self._pending = None
+        self._uncap()
 
     def stats(self) -> CallStats | None:
         if self._stats is None and self._pending is not None:
