@@ -57,11 +57,15 @@ def parse_args(argv=None):
                                     'a fraction of the weights "0.25x" (--small default)')
     p.add_argument("--tokens", type=int, help="tokens per forward, batch 1 (default 512; --small: 48)")
     p.add_argument("--small", action="store_true", help="tiny GPT-Neo: checks the logic in seconds")
+    p.add_argument("--size", choices=["2.7B", "125M", "tiny"], help="GPT-Neo shape (default 2.7B; --small: tiny)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="weights' dtype (float32 for the CPU, where fp16 matrix products are slow)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flashmem-bench-cold"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--child-timeout", type=float, default=300, help="seconds per mode child")
     args = p.parse_args(argv)
-    args.size = "tiny" if args.small else "2.7B"
+    args.size = "tiny" if args.small else (args.size or "2.7B")
+    args.torch_dtype = getattr(__import__("torch"), args.dtype)
     args.tokens = args.tokens or (48 if args.small else 512)
     args.budget = args.budget or ("0.25x" if args.small else "1GiB")
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -155,7 +159,7 @@ def child_prepare(args) -> dict:
     import torch
 
     folder = Path(args.workdir) / "model"
-    want = {"format": FORMAT, "size": args.size, "dtype": "float16", "seed": C.SEED, "config": C.neo_config_dict(args.size)}
+    want = {"format": FORMAT, "size": args.size, "dtype": args.dtype, "seed": C.SEED, "config": C.neo_config_dict(args.size)}
     meta_path = folder / "meta.json"
     if meta_path.exists():
         have = json.loads(meta_path.read_text())
@@ -165,9 +169,9 @@ def child_prepare(args) -> dict:
     for old in folder.iterdir():
         old.unlink()
     t0 = time.perf_counter()
-    model = C.build_on_meta(C.make_config(args.size), torch.float16)
+    model = C.build_on_meta(C.make_config(args.size), args.torch_dtype)
     gen = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
-    model.load_state_dict(C.random_state_dict(model, torch.float16, C.SEED, gen), strict=False, assign=True)
+    model.load_state_dict(C.random_state_dict(model, args.torch_dtype, C.SEED, gen), strict=False, assign=True)
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr(), "untied head expected"
     kw = {"safe_serialization": True} if "safe_serialization" in inspect.signature(model.save_pretrained).parameters else {}
     model.save_pretrained(folder, **kw)
@@ -215,6 +219,8 @@ def child_mode(args) -> dict:
     C.preload_modules()
     from transformers import GPTNeoForCausalLM
 
+    import flashmem  # noqa: F401 - imported before t0, as transformers is
+
     if args.mode == "diffusers_leaf":
         try:
             from diffusers.hooks import apply_group_offloading
@@ -234,8 +240,6 @@ def child_mode(args) -> dict:
     sm = None
     with torch.no_grad():
         if args.mode == "flashmem":
-            import flashmem
-
             sm = flashmem.from_pretrained(folder, budget=budget, device=args.device, example_inputs=(ids,))
             call = lambda: sm(ids).logits  # noqa: E731
         else:
@@ -247,7 +251,7 @@ def child_mode(args) -> dict:
                     row["note"] = "cpu: everything on the CPU, nothing offloaded"
             else:
                 kw = {}
-            model = GPTNeoForCausalLM.from_pretrained(folder, dtype=torch.float16, **kw).eval()
+            model = GPTNeoForCausalLM.from_pretrained(folder, dtype=args.torch_dtype, **kw).eval()
             if args.mode == "diffusers_leaf":
                 apply_group_offloading(model, onload_device=dev, offload_device=torch.device("cpu"),
                                        offload_type="leaf_level", use_stream=cuda)
@@ -290,7 +294,8 @@ def main(argv=None) -> int:
     for old in logs.glob("*.log"):
         old.unlink()
     script = str(Path(__file__).resolve())
-    common = ["--device", args.device, "--workdir", str(workdir), "--tokens", str(args.tokens)] + (["--small"] if args.small else [])
+    common = ["--device", args.device, "--workdir", str(workdir), "--tokens", str(args.tokens), "--size", args.size,
+              "--dtype", args.dtype] + (["--small"] if args.small else [])
     out = C.out_dir()
     result = {"script": "bench_cold.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": []}
 
@@ -348,7 +353,7 @@ def main(argv=None) -> int:
         print(f"{r['mode']} {r['cache']}: drop_caches allowed={r.get('drop_caches_allowed')}, page cache held "
               f"{r.get('resident_before')} of the files at start; floor parts {r.get('floor_parts_s')}"
               + "".join(f"; {k} {r[k]}" for k in ("error", "fm_stats", "device_map_values", "note") if r.get(k)))
-    print(f"\nGPT-Neo-{args.size} fp16, {C.fmt_gb(nbytes)} GB in {len(files)} files on {io.get('fs_type')}, "
+    print(f"\nGPT-Neo-{args.size} {args.dtype}, {C.fmt_gb(nbytes)} GB in {len(files)} files on {io.get('fs_type')}, "
           f"{args.tokens} tokens, batch 1, {args.device}, budget {budget} B ({budget / 2**30:.4g} GiB); storage cold "
           f"{io.get('cold_gbps') and round(io['cold_gbps'], 2)} / warm {io.get('warm_gbps') and round(io['warm_gbps'], 2)} GB/s, "
           f"link {io.get('link_gbps') and round(io['link_gbps'], 1)} GB/s; seconds from just before the load; "

@@ -103,7 +103,12 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
             store = HostStore([w.nbytes for w in mw.weights])
             store.fill_in_background(found)
             return store
-        return FileStore.spill(found, [w.name for w in mw.weights])
+        store = FileStore.spill(found, [w.name for w in mw.weights])
+        try:
+            store.read_ahead()  # a cold start: the kernel reads ahead while the trace computes
+        except OSError:
+            pass
+        return store
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
                  cache_dir=cache_dir, eager_store=True, debug=debug, cpu_reads=cpu_reads)
