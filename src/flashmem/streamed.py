@@ -579,6 +579,10 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
                 f"{fmt_bytes(need)} (more, by the activations' size) or trace a smaller input",
                 op=mw.max_working_module, need_bytes=need, budget_bytes=budget_bytes) from err
         raise
+    if device.type == "cuda":
+        # The trace's output (a KV cache, say) was alive when the arena was made; once it is gone, give its
+        # cached blocks back, so the first streamed call starts from the arena alone, as the plan assumes.
+        torch.cuda.empty_cache()
     if planner == "solver" and streamed.plan.loads:
         streamed.use_solver(args, kwargs, cache_dir=cache_dir or default_cache_dir())
     return streamed
