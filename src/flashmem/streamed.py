@@ -27,8 +27,8 @@ from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, ch
 from .run_cpu import CpuMover, MapMover
 from .run_cuda import CudaMover
 from .store import FileStore, HostStore, MappedFiles, as_bytes
-from .trace import (ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature, module_names,
-                    placeholder, set_slots, typed_view)
+from .trace import (MappedLoader, ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature,
+                    module_names, placeholder, set_slots, typed_view)
 from .units import align_up, fmt_bytes, parse_bytes
 
 CUDA_ALIGNMENT = 512  # bytes; like PyTorch's allocator, so kernels see the same alignment as resident
@@ -116,7 +116,15 @@ class StreamedModel:
     def _start_trace(self, signature: str) -> None:
         """Make this call a traced one: weights load on demand, into a scratch buffer the first time (on
         the CPU the arena itself, at the budget's size, so RAM never holds both), into the arena's ring
-        afterwards (resident weights stay where they are)."""
+        afterwards (resident weights stay where they are). On mapped files nothing is copied: an op's
+        weights are views of the files, their pages held while it runs."""
+        if self._mapped and self._store is not None:
+            if self._files is None:
+                self._files = MappedFiles(self._store)
+            loader = MappedLoader(self.model, self._mw, self._files, self._resident_views)
+            self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature)
+            self._tracer.start()
+            return
         if self._arena_residents is None:  # nothing in place yet
             if self.device.type == "cpu":
                 self._arena = torch.zeros(self.budget_bytes // self._alignment * self._alignment, dtype=torch.uint8)

@@ -225,6 +225,30 @@ class ScratchLoader:
         return w
 
 
+class MappedLoader(ScratchLoader):
+    """A ScratchLoader for mapped files (`store.MappedFiles`): an op's weights are views of the files, their
+    pages held from the op's entry to its exit; nothing is copied."""
+
+    def __init__(self, model: nn.Module, mw: ModelWeights, files, resident_views: dict[int, torch.Tensor]):
+        super().__init__(model, mw, files.store.read_into, torch.empty(0, dtype=torch.uint8), 1, resident_views)
+        self.files = files
+        self.held: list[list[int]] = []
+
+    def enter(self, mod_name: str) -> None:
+        self.held.append([])
+        super().enter(mod_name)
+
+    def _load(self, w: Weight, who: str) -> torch.Tensor:
+        self.files.hold(w.index)
+        self.held[-1].append(w.index)  # released when the op in flight exits
+        return typed_view(self.files.view(w.index), w)
+
+    def exit(self, mod_name: str, placeholders: dict[int, torch.Tensor]) -> None:
+        super().exit(mod_name, placeholders)
+        for w in self.held.pop():
+            self.files.unhold(w)
+
+
 class Tracer:
     """Records one call: fed by module hooks (`enter`/`exit` per op), loading weights on demand through
     `loader`; `finish` returns the program. The call it records is a real call: its output is the
