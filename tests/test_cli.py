@@ -108,7 +108,7 @@ def test_queue_command_runs_a_spec_and_writes_the_plot(tmp_path, capsys):
     assert main(["queue", str(path), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "llama" in text and "vit" in text and "6 calls" in text
-    streamed = re.search(r"([\d.]+) (B|KiB|MiB) streamed", text)
+    streamed = re.search(r"([\d.]+)\s+(B|KiB|MiB)\s+streamed", text)
     assert streamed and float(streamed.group(1)) > 0, text  # the budget makes the models stream
     assert out.exists() and out.stat().st_size > 1000
 
