@@ -228,6 +228,11 @@ def streams():
         return sm
 
     yield open_
+    close_all(opened)
+
+
+def close_all(opened) -> None:
+    """Close StreamedModels (IO threads, spill files), whatever state a test left them in."""
     for sm in opened:
         try:
             sm.close()

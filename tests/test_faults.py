@@ -19,7 +19,7 @@ from torch import nn
 import flashmem
 from flashmem.store import PAGE_BYTES
 
-from conftest import hf_model, out_of, resident, save_folder
+from conftest import close_all, hf_model, out_of, resident, save_folder
 
 READS = ["copy", "map"]
 WIDTH = 256  # every weight of Stack is at least 16 KiB (no bias): no two weights share a page
@@ -109,12 +109,7 @@ def open_case(tmp_path):
         return Case(sm, x, ref, model)
 
     yield open_
-    for sm in opened:
-        try:
-            sm.close()
-        except Exception:
-            pass
-    gc.collect()
+    close_all(opened)
 
 
 def call_in_thread(sm, x) -> dict:

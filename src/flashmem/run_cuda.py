@@ -16,6 +16,22 @@ from .run import CallStats, DebugOptions
 from .store import HostStore
 
 
+def cap_allocator(device: torch.device, limit_bytes: int) -> float:
+    """Make PyTorch's caching allocator on `device` hold at most `limit_bytes` (it frees cached blocks,
+    then raises out-of-memory, rather than reserve more); returns the fraction to restore afterwards."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    saved = torch.cuda.get_per_process_memory_fraction(device)
+    torch.cuda.set_per_process_memory_fraction(min(max(limit_bytes, 0) / total, saved), device)
+    return saved
+
+
+def lift_allocator_cap(device: torch.device, saved: float | None) -> None:
+    """Undo `cap_allocator` (nothing if `saved` is None); returns None, the state after lifting."""
+    if saved is not None:
+        torch.cuda.set_per_process_memory_fraction(saved, device)
+    return None
+
+
 class CudaMover:
     def __init__(self, plan: Plan, store: HostStore, arena: torch.Tensor, device: torch.device,
                  timing: bool = True, debug: DebugOptions = DebugOptions()):
@@ -79,17 +95,13 @@ class CudaMover:
         beside the arena: where cached but unused blocks would take reserved memory past the budget, the
         allocator frees them first (and a call whose activations outgrow their reserve fails with
         out-of-memory instead of overrunning)."""
-        total = torch.cuda.get_device_properties(self.device).total_memory
         room = self.plan.budget_bytes - self.plan.arena_bytes - self.plan.buffer_bytes
         # never below what is reserved already (the caller's own tensors may leave unreleasable slack)
         limit = max(torch.cuda.memory_allocated(self.device) + max(room, 0), torch.cuda.memory_reserved(self.device))
-        self._fraction = torch.cuda.get_per_process_memory_fraction(self.device)
-        torch.cuda.set_per_process_memory_fraction(min(limit / total, self._fraction), self.device)
+        self._saved_fraction = cap_allocator(self.device, limit)
 
     def _uncap(self) -> None:
-        if getattr(self, "_fraction", None) is not None:
-            torch.cuda.set_per_process_memory_fraction(self._fraction, self.device)
-            self._fraction = None
+        self._saved_fraction = lift_allocator_cap(self.device, getattr(self, "_saved_fraction", None))
 
     def begin_call(self) -> None:
         self._cap()

@@ -118,32 +118,31 @@ class StreamedModel:
         the CPU the arena itself, at the budget's size, so RAM never holds both), into the arena's ring
         afterwards (resident weights stay where they are). On mapped files nothing is copied: an op's
         weights are views of the files, their pages held while it runs."""
+        cap = {}
         if self._mapped and self._store is not None:
             if self._files is None:
                 self._files = MappedFiles(self._store)
             loader = MappedLoader(self.model, self._mw, self._files, self._resident_views)
-            self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature)
-            self._tracer.start()
-            return
-        if self._arena_residents is None:  # nothing in place yet
-            if self.device.type == "cpu":
-                self._arena = torch.zeros(self.budget_bytes // self._alignment * self._alignment, dtype=torch.uint8)
-                scratch = self._arena
-            else:
-                scratch = torch.zeros(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
-            resident: dict[int, torch.Tensor] = {}
         else:
-            resident = self._resident_views
-            if self._arena is not None:
-                scratch = self._arena[self.plan.resident_bytes:]
-            else:  # mapped: the residents' pages are held; the rest of the budget is the scratch
-                scratch = torch.zeros((self.budget_bytes - self.plan.resident_bytes) // self._alignment
-                                      * self._alignment, dtype=torch.uint8)
-        loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, resident)
-        cap = {}
-        if self.device.type == "cuda":  # the trace may not take the device past the budget
-            held = self._arena.numel() if self._arena is not None else scratch.numel()
-            cap = dict(budget_bytes=self.budget_bytes, held_bytes=align_up(held, CUDA_GRANULARITY))
+            if self._arena_residents is None:  # nothing in place yet
+                if self.device.type == "cpu":
+                    self._arena = torch.zeros(self.budget_bytes // self._alignment * self._alignment,
+                                              dtype=torch.uint8)
+                    scratch = self._arena
+                else:
+                    scratch = torch.zeros(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
+                resident: dict[int, torch.Tensor] = {}
+            else:
+                resident = self._resident_views
+                if self._arena is not None:
+                    scratch = self._arena[self.plan.resident_bytes:]
+                else:  # residents held in mapped files (the debug poison asked for copies since)
+                    scratch = torch.zeros((self.budget_bytes - self.plan.resident_bytes) // self._alignment
+                                          * self._alignment, dtype=torch.uint8)
+            loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, resident)
+            if self.device.type == "cuda":  # the trace may not take the device past the budget
+                held = self._arena.numel() if self._arena is not None else scratch.numel()
+                cap = dict(budget_bytes=self.budget_bytes, held_bytes=align_up(held, CUDA_GRANULARITY))
         self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature,
                               **cap)
         self._tracer.start()

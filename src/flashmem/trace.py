@@ -321,15 +321,14 @@ class Tracer:
     def _cap_memory(self) -> None:
         """Make the caching allocator refuse (out of memory) what would take the device past the budget:
         an input whose activations do not fit fails in its trace instead of overrunning."""
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        limit = self.reserved0 - self.held_bytes + self.budget_bytes
-        self._fraction = torch.cuda.get_per_process_memory_fraction(self.device)
-        torch.cuda.set_per_process_memory_fraction(min(max(limit, 0) / total, self._fraction), self.device)
+        from .run_cuda import cap_allocator  # imported here: run_cuda builds on this module
+
+        self._fraction = cap_allocator(self.device, self.reserved0 - self.held_bytes + self.budget_bytes)
 
     def _uncap_memory(self) -> None:
-        if self._fraction is not None:
-            torch.cuda.set_per_process_memory_fraction(self._fraction, self.device)
-            self._fraction = None
+        from .run_cuda import lift_allocator_cap
+
+        self._fraction = lift_allocator_cap(self.device, self._fraction)
 
     def explain_failure(self, err: BaseException) -> None:
         """Add to an out-of-memory error of a capped trace what it means and the fix."""
