@@ -169,7 +169,10 @@ def test_peak_rss_of_a_whole_run_stays_within_budget(big_gpt2):
     assert m["total"] <= budget
     growth = max([m["setup_peak"]] + m["peaks"]) - m["base"]
     assert growth >= m["arena"]  # the arena is really touched: the measurement sees it
-    assert growth <= budget + m["activations"] + OVERHEAD, (
+    # A fresh process's first streamed call sometimes takes about 5 MiB more than usual (seen in a third of
+    # runs, with and without the background read-ahead: the runtime's own start-up), so this whole-run bound
+    # allows 12 MiB beside the budget and activations; a weight-sized copy of the 160 MiB model still fails it.
+    assert growth <= budget + m["activations"] + 12 * MiB, (
         f"peak RSS grew by {fmt_bytes(growth)} for a {fmt_bytes(big_gpt2['nbytes'])} model at a "
         f"{fmt_bytes(budget)} budget (activations {fmt_bytes(m['activations'])}); the setup alone "
         f"{fmt_bytes(m['setup_peak'] - m['base'])}")
