@@ -263,8 +263,9 @@ def child_mode(args) -> dict:
         out = call()
         sync()
         row["first_s"] = time.perf_counter() - t0
-    row["digest"] = hashlib.sha256(out.float().cpu().numpy().tobytes()).hexdigest()
+    # read before the digest's own float32 copy of the logits takes device memory
     row["peak_device_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
+    row["digest"] = hashlib.sha256(out.float().cpu().numpy().tobytes()).hexdigest()
     row["peak_rss_bytes"] = C.status_bytes("VmHWM:")
     if sm is not None:
         st = sm.stats

@@ -316,7 +316,7 @@ def child_measure(args) -> dict:
         first = C.compare(out_first, ref)
         row["first_call_equal"] = first["equal"]
     row["total_weight_bytes"] = total
-    row["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers()) if sm is None else None
+    row["fixed_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers()) if sm is None else None
     if sm is not None:
         sm.close()
     return row

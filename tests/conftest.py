@@ -269,7 +269,7 @@ def gpt2_folder(tmp_path_factory) -> Path:
 
 # -- shared by the planner, cost model, cache and report tests ------------------------------------------------
 def program(sizes: list[int], ops: list[tuple[str, tuple[int, ...], int]], *, activation_bytes: int = 0,
-            buffer_bytes: int = 0, signature: str = "test"):
+            fixed_bytes: int = 0, signature: str = "test"):
     """A Program from weight sizes (bytes, uint8 weights W0, W1, ...) and ops (module, weights, end_index)."""
     from flashmem.trace import Op, Program, Weight
 
@@ -280,7 +280,7 @@ def program(sizes: list[int], ops: list[tuple[str, tuple[int, ...], int]], *, ac
                 slots[w].append((module, f"w{w}"))
     weights = tuple(Weight(i, f"W{i}", (n,), torch.uint8, n, tuple(slots[i])) for i, n in enumerate(sizes))
     return Program(weights=weights, ops=tuple(Op(i, m, tuple(ws), end) for i, (m, ws, end) in enumerate(ops)),
-                   activation_bytes=activation_bytes, buffer_bytes=buffer_bytes, signature=signature)
+                   activation_bytes=activation_bytes, fixed_bytes=fixed_bytes, signature=signature)
 
 
 @functools.lru_cache(maxsize=None)

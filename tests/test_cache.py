@@ -220,7 +220,7 @@ def test_cache_key_tells_budget_device_signature_planner_and_reserve_apart():
     remeasured = dataclasses.replace(A, activation_bytes=A.activation_bytes + 4096)
     assert program_fingerprint(remeasured) == program_fingerprint(A)
     assert cache_key(remeasured, 256, "cpu", "solver", 0) == base
-    assert program_fingerprint(dataclasses.replace(A, buffer_bytes=64)) != program_fingerprint(A)
+    assert program_fingerprint(dataclasses.replace(A, fixed_bytes=64)) != program_fingerprint(A)
 
 
 # -- end to end --------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def test_plan_writes_json(llama_folder, tmp_path, capsys):
     assert main(["plan", str(llama_folder), "--budget", "200KiB", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["format"] == 1 and doc["budget_bytes"] == 200 * 1024 and doc["device"] == "cpu"
-    assert doc["arena_bytes"] + doc["buffer_bytes"] + doc["activation_bytes"] <= doc["budget_bytes"]
+    assert doc["arena_bytes"] + doc["fixed_bytes"] + doc["activation_bytes"] <= doc["budget_bytes"]
     assert doc["loads"] and doc["n_ops"] == len(doc["op_modules"])
     assert doc["op_modules"][0] == "model.embed_tokens" and doc["op_modules"][-1] == "lm_head"
     names = doc["weight_names"]

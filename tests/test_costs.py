@@ -129,7 +129,7 @@ def test_simulate_waits_for_the_container_to_exit():
     #   W3 after the end of op 2: [6, 10]; op 3 [10, 11].
     prog = program([64, 128, 128, 256], [("blk", (0,), 2), ("blk.a", (1,), 1), ("blk.b", (2,), 2), ("next", (3,), 3)])
     plan = Plan(device="cpu", signature="test", budget_bytes=320, arena_bytes=320, resident_bytes=0,
-                activation_bytes=0, buffer_bytes=0, alignment=ALIGN, residents=(),
+                activation_bytes=0, fixed_bytes=0, alignment=ALIGN, residents=(),
                 loads=(Load(0, 0, 0, 2, 0, 0, 64), Load(1, 0, 1, 1, 1, 64, 128), Load(2, 0, 2, 2, 2, 192, 128),
                        Load(3, 3, 3, 3, 3, 0, 256)),
                 n_ops=4, status="simple")

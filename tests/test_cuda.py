@@ -144,6 +144,47 @@ def test_cuda_reserved_memory_within_budget(case):
         settle()
 
 
+FRESH_PROCESS = """
+import sys, json, torch, flashmem
+sys.path.insert(0, sys.argv[1])
+from conftest import hf_model
+from test_cuda import build, inputs
+model = build(sys.argv[2])
+x = inputs(1)[0]
+budget = int(sys.argv[3])
+torch.cuda.synchronize()
+before = torch.cuda.memory_reserved()
+with torch.no_grad():
+    sm = flashmem.stream(model, budget, device="cuda", example_inputs=(x,))
+    for _ in range(3):
+        sm(x)
+torch.cuda.synchronize()
+print(json.dumps(dict(growth=torch.cuda.max_memory_reserved() - before, fixed=sm.plan.fixed_bytes,
+                      total=sm.plan.total_bytes)))
+"""
+
+
+@pytest.mark.parametrize("kind", ["neo", "llama"])
+def test_cuda_fresh_process_counts_the_math_workspace(kind, tmp_path):
+    """In a process whose stream has run no matrix product yet, the cuBLAS workspace (kept by PyTorch for
+    good after the first product) is made before the trace and counted in the plan: the reserved memory
+    still grows by at most the budget over the trace and three calls."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    budget = int(0.45 * model_bytes(build(kind)))
+    here = str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, here, kind, str(budget)], capture_output=True,
+                          text=True, timeout=600, cwd=here)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["fixed"] > 0, "the fresh process's workspace was not seen"
+    assert got["total"] <= budget
+    assert got["growth"] <= budget, f"reserved memory grew by {fmt_bytes(got['growth'])} at {fmt_bytes(budget)}"
+
+
 def test_cuda_budget_too_small_before_any_work(case):
     model = build(case["kind"])
     params = dict(model.named_parameters())

@@ -223,7 +223,7 @@ def test_a_budget_too_small():
 def test_a_activations_and_buffers_come_off_the_top():
     # 100 B for activations and 28 B of buffers leave 512 of 640 for the arena: all resident again;
     # one byte less and the ring appears.
-    prog = program([100] * 4, [(f"m{i}", (i,), i) for i in range(4)], activation_bytes=100, buffer_bytes=28)
+    prog = program([100] * 4, [(f"m{i}", (i,), i) for i in range(4)], activation_bytes=100, fixed_bytes=28)
     plan = plan_for(prog, 640)
     assert plan.arena_bytes == 512 and len(plan.residents) == 4 and plan.total_bytes == 640
     assert_valid(plan, prog)
@@ -287,7 +287,7 @@ def test_b_all_resident():
 # W3 must wait for W0's release, not only for W2's.
 C = program([64, 128, 128, 256], [("blk", (0,), 2), ("blk.a", (1,), 1), ("blk.b", (2,), 2), ("next", (3,), 3)])
 C_PLAN = Plan(device="cpu", signature="test", budget_bytes=320, arena_bytes=320, resident_bytes=0,
-              activation_bytes=0, buffer_bytes=0, alignment=ALIGN, residents=(),
+              activation_bytes=0, fixed_bytes=0, alignment=ALIGN, residents=(),
               loads=(Load(0, 0, 0, 2, 0, 0, 64), Load(1, 0, 1, 1, 1, 64, 128), Load(2, 0, 2, 2, 2, 192, 128),
                      Load(3, 3, 3, 3, 3, 0, 256)),
               n_ops=4, status="simple")
@@ -342,7 +342,7 @@ def test_checker_rejects_an_arena_over_budget():
     good = plan_for(A, 256)
     assert_rejected(dataclasses.replace(good, budget_bytes=255), A, "exceeds the budget")
     assert_rejected(dataclasses.replace(good, activation_bytes=1), A, "exceeds the budget")
-    assert_rejected(dataclasses.replace(good, buffer_bytes=64), A, "exceeds the budget")
+    assert_rejected(dataclasses.replace(good, fixed_bytes=64), A, "exceeds the budget")
 
 
 def test_checker_rejects_a_use_with_no_load():
@@ -417,7 +417,7 @@ def programs(draw, own_weights: bool = False):
     for _ in range(draw(st.integers(1, 6))):
         call(0)
     fixed = draw(st.sampled_from([(0, 0), (0, 0), (100, 0), (64, 40)]))
-    return program(sizes, [tuple(o) for o in ops], activation_bytes=fixed[0], buffer_bytes=fixed[1])
+    return program(sizes, [tuple(o) for o in ops], activation_bytes=fixed[0], fixed_bytes=fixed[1])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -425,7 +425,7 @@ def programs(draw, own_weights: bool = False):
        granularity=st.sampled_from([1, 64, 128]))
 def test_every_simple_plan_passes_the_checker(prog, fraction, granularity):
     total = sum(-(-w.nbytes // ALIGN) * ALIGN for w in prog.weights)
-    fixed = prog.activation_bytes + prog.buffer_bytes
+    fixed = prog.activation_bytes + prog.fixed_bytes
     budget = max(1, int(fixed + fraction * total))
     try:
         plan = plan_for(prog, budget, granularity=granularity)
@@ -444,7 +444,7 @@ def test_every_simple_plan_passes_the_checker(prog, fraction, granularity):
 def test_movers_never_overwrite_a_weight_in_use(prog, fraction):
     """Every plan simple_plan makes runs intact under the CPU and CUDA movers' schedules."""
     total = sum(-(-w.nbytes // ALIGN) * ALIGN for w in prog.weights)
-    budget = max(1, int(prog.activation_bytes + prog.buffer_bytes + fraction * total))
+    budget = max(1, int(prog.activation_bytes + prog.fixed_bytes + fraction * total))
     try:
         plan = plan_for(prog, budget)
     except BudgetTooSmall:
@@ -456,7 +456,7 @@ def test_movers_never_overwrite_a_weight_in_use(prog, fraction):
 @given(prog=programs())
 def test_a_whole_model_budget_keeps_everything_resident(prog):
     total = sum(-(-w.nbytes // ALIGN) * ALIGN for w in prog.weights)
-    plan = plan_for(prog, total + prog.activation_bytes + prog.buffer_bytes)
+    plan = plan_for(prog, total + prog.activation_bytes + prog.fixed_bytes)
     assert plan.loads == ()
     assert {r.weight for r in plan.residents} == {w for op in prog.ops for w in op.weights}
     assert_valid(plan, prog)
@@ -481,7 +481,7 @@ def test_the_minimum_the_error_asks_for_is_enough(prog):
 
 # -- JSON -----------------------------------------------------------------------------------------------------
 PLAN_FIELDS = {"device", "signature", "budget_bytes", "arena_bytes", "resident_bytes", "activation_bytes",
-               "buffer_bytes", "alignment", "residents", "loads", "n_ops", "status", "format"}
+               "fixed_bytes", "alignment", "residents", "loads", "n_ops", "status", "format"}
 
 
 def from_json(text: str) -> Plan:

@@ -108,7 +108,7 @@ def check_random_network(case, device: str):
     try:
         plan, program = sm.plan, sm.program
         assert not list(find_problems(plan, program))
-        assert plan.arena_bytes + plan.buffer_bytes + plan.activation_bytes <= budget
+        assert plan.arena_bytes + plan.fixed_bytes + plan.activation_bytes <= budget
         for _ in range(2):
             with torch.no_grad():
                 assert torch.equal(sm(ids), ref)

@@ -43,7 +43,7 @@ def assert_png(path) -> None:
 
 def assert_curve_keeps_the_budget(plan, timeline) -> tuple[list[float], list[int]]:
     times, held = memory_curve(plan, timeline)
-    base = plan.resident_bytes + plan.activation_bytes + plan.buffer_bytes
+    base = plan.resident_bytes + plan.activation_bytes + plan.fixed_bytes
     assert len(times) == len(held) == 2 * len(plan.loads) + 2
     assert (times[0], held[0]) == (0.0, base)
     assert held[-1] == base and times[-1] == pytest.approx(timeline.total_s)  # every load released by the end
@@ -102,7 +102,7 @@ def test_plot_with_a_measured_timeline_from_a_real_call(tmp_path, streams):
     out = plot_plan(plan, sm.program, simulate(plan, costs), tmp_path / "real.png", measured=measured)
     assert_png(out)
     times, held = memory_curve(plan, measured)
-    assert held[0] == plan.resident_bytes + plan.activation_bytes + plan.buffer_bytes
+    assert held[0] == plan.resident_bytes + plan.activation_bytes + plan.fixed_bytes
     assert held[-1] == held[0]
     # Measured calls, where the IO thread reads ahead as soon as bytes are released, stay within the budget
     # too (before the fix for double-counted hand-overs, most calls of this MLP went over it).
@@ -129,7 +129,7 @@ def test_memory_curve_by_hand():
 
 def test_memory_curve_counts_residents_activations_and_buffers():
     # 100 B of activations and 28 B of buffers, budget 639: 511 B of arena, W0 resident (128 B) and a ring.
-    prog = program([100] * 4, [(f"m{i}", (i,), i) for i in range(4)], activation_bytes=100, buffer_bytes=28)
+    prog = program([100] * 4, [(f"m{i}", (i,), i) for i in range(4)], activation_bytes=100, fixed_bytes=28)
     plan = plan_for(prog, 639)
     assert plan.residents and plan.loads and plan.total_bytes <= 639
     assert list(find_problems(plan, prog)) == []

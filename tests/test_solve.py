@@ -130,7 +130,7 @@ def test_hand_optimum_beats_keeping_the_hidden_weight_resident():
     #   link: X [0, 4], Z1 [4, 5], Z2 [5, 17]; op 0 [4, 6]; op 1 [6, 26]; Z3 waits for the end of op 1:
     #   [26, 31]; op 2 [26, 28]; op 3 [28, 34]; op 4 [34, 36].  36 ms: X's load is a stall nothing hides.
     y_resident = Plan(device="cpu", signature="test", budget_bytes=H_BUDGET, arena_bytes=H_BUDGET,
-                      resident_bytes=4 * U, activation_bytes=0, buffer_bytes=0, alignment=ALIGN,
+                      resident_bytes=4 * U, activation_bytes=0, fixed_bytes=0, alignment=ALIGN,
                       residents=(Resident(2, 0, 4 * U),),
                       loads=(Load(0, 0, 0, 0, 0, 256, 4 * U), Load(1, 0, 1, 1, 1, 512, U),
                              Load(3, 0, 3, 3, 3, 576, 12 * U), Load(4, 2, 4, 4, 4, 256, 5 * U)),
@@ -298,7 +298,7 @@ def test_budget_too_small_propagates():
     assert (info.value.need_bytes, info.value.budget_bytes) == (128, 127)
     # activations and buffers come off the top first: 100 + 28 + 128 = 256 is needed
     prog = chain([100] * 4)
-    prog = dataclasses.replace(prog, activation_bytes=100, buffer_bytes=28)
+    prog = dataclasses.replace(prog, activation_bytes=100, fixed_bytes=28)
     with pytest.raises(BudgetTooSmall) as info:
         solve_for(prog, costs, 255)
     assert info.value.need_bytes == 256
@@ -369,7 +369,7 @@ def random_case(seed: int):
     for _ in range(rng.randint(1, 5)):
         call(0)
     activation, buffers = rng.choice([(0, 0), (0, 0), (100, 0), (64, 40)])
-    prog = program(sizes, [tuple(o) for o in ops], activation_bytes=activation, buffer_bytes=buffers)
+    prog = program(sizes, [tuple(o) for o in ops], activation_bytes=activation, fixed_bytes=buffers)
     costs = CostModel("cpu", "test", LinkCost("synthetic", rng.choice([1e4, 1e5, 1e6]), rng.choice([0.0, 1e-4])),
                       tuple(StepCost("Op", rng.uniform(0, 5e-3), rng.choice([1.0, 1.0, 1.5, 3.0])) for _ in ops))
     total = sum(-(-n // ALIGN) * ALIGN for n in sizes)

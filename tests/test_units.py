@@ -187,30 +187,35 @@ def test_read_header_rejects_truncated_and_garbage(tmp_path):
 
 
 def test_cuda_call_cap_arithmetic(monkeypatch):
-    """The CUDA mover caps the allocator for a call at what is allocated plus the budget's room beside the
-    arena (never below what is reserved already) and restores the caller's fraction after it (the
-    torch.cuda calls are faked here; the CUDA suite runs the real ones)."""
+    """The CUDA mover caps the allocator for a call at what it cannot give back (allocated blocks and the
+    free pieces of their segments) plus the budget's room beside the arena, gives cached free segments back
+    first where they would overrun that, and restores the caller's fraction after the call (the torch.cuda
+    calls are faked here; the CUDA suite runs the real ones)."""
     from types import SimpleNamespace
 
     from flashmem.run_cuda import CudaMover
 
     GiB = 2**30
-    state = {"fraction": 0.75}
+    state = {"fraction": 0.75, "emptied": 0, "reserved": 5 * GiB}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=100 * GiB))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 3 * GiB)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 4 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda d: {"allocated_bytes.all.current": 3 * GiB,
+                                                               "inactive_split_bytes.all.current": GiB // 4})
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: state.update(emptied=state["emptied"] + 1,
+                                                                      reserved=3 * GiB + GiB // 4))
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: state["fraction"])
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: state.update(fraction=f))
     mover = CudaMover.__new__(CudaMover)
     mover.device = torch.device("cuda", 0)
-    mover.plan = SimpleNamespace(budget_bytes=2 * GiB, arena_bytes=GiB + GiB // 2, buffer_bytes=0)
+    mover.plan = SimpleNamespace(budget_bytes=2 * GiB, arena_bytes=GiB + GiB // 2, fixed_bytes=0)
     mover._cap()
-    assert state["fraction"] == pytest.approx(4 / 100)  # 3 GiB + 0.5 GiB < 4 GiB reserved: not below it
+    # 3.25 GiB that cannot be given back + 0.5 GiB of room; the 5 GiB reserved were over it: emptied first
+    assert state["fraction"] == pytest.approx(3.75 / 100) and state["emptied"] == 1
     mover._uncap()
     assert state["fraction"] == 0.75
-    mover.plan = SimpleNamespace(budget_bytes=4 * GiB, arena_bytes=GiB, buffer_bytes=0)
+    mover.plan = SimpleNamespace(budget_bytes=4 * GiB, arena_bytes=GiB, fixed_bytes=0)
     mover._cap()
-    assert state["fraction"] == pytest.approx(6 / 100)  # 3 GiB allocated + 3 GiB of room
+    assert state["fraction"] == pytest.approx(6.25 / 100) and state["emptied"] == 1  # under the cap: kept
     mover._uncap()
     mover._uncap()  # a second restore changes nothing
     assert state["fraction"] == 0.75

@@ -27,7 +27,7 @@ def program_fingerprint(program: Program) -> str:
         h.update(f"{w.name}|{w.shape}|{w.dtype}|{w.nbytes}|{w.slots}|{w.is_buffer};".encode())
     for op in program.ops:
         h.update(f"{op.module}|{op.weights}|{op.end_index};".encode())
-    h.update(f"{program.buffer_bytes}".encode())
+    h.update(f"{program.fixed_bytes}".encode())
     return h.hexdigest()
 
 

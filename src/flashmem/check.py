@@ -6,7 +6,7 @@ are rebuilt here from the program's ops. It checks that
   use and kept until the op (and any op nested in it) has finished;
 - no two weights share arena bytes while both are in place (from a load's issue to its release);
 - everything lies inside the arena, aligned, and loads are issued in order (one copy queue);
-- arena, buffers and the activation reserve fit in the budget.
+- arena, fixed device memory (the math libraries' workspace) and the activation reserve fit in the budget.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def find_problems(plan, program):
     if plan.n_ops != n_ops:
         yield f"plan covers {plan.n_ops} ops but the program has {n_ops}"
         return
-    held = plan.arena_bytes + plan.buffer_bytes + plan.activation_bytes
+    held = plan.arena_bytes + plan.fixed_bytes + plan.activation_bytes
     if held > plan.budget_bytes:
-        yield (f"arena {fmt_bytes(plan.arena_bytes)} + buffers {fmt_bytes(plan.buffer_bytes)} + activations "
+        yield (f"arena {fmt_bytes(plan.arena_bytes)} + workspace {fmt_bytes(plan.fixed_bytes)} + activations "
                f"{fmt_bytes(plan.activation_bytes)} = {fmt_bytes(held)} exceeds the budget "
                f"{fmt_bytes(plan.budget_bytes)}")
     if plan.resident_bytes > plan.arena_bytes:

@@ -48,7 +48,7 @@ class Plan:
     arena_bytes: int
     resident_bytes: int
     activation_bytes: int  # reserved for activations on the device
-    buffer_bytes: int  # module buffers, on the device for good
+    fixed_bytes: int  # held on the device for good beside the arena: the CUDA math libraries' workspace
     alignment: int
     residents: tuple[Resident, ...]
     loads: tuple[Load, ...]
@@ -65,8 +65,8 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        """Device bytes the plan may hold at once: arena, buffers and the activation reserve."""
-        return self.arena_bytes + self.buffer_bytes + self.activation_bytes
+        """Device bytes the plan may hold at once: arena, fixed bytes (workspace) and the activation reserve."""
+        return self.arena_bytes + self.fixed_bytes + self.activation_bytes
 
     def to_json(self, program: Program | None = None) -> str:
         """The plan as JSON; with the program, weights and ops are named."""
@@ -241,7 +241,7 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
     """Keep what fits resident (in order of first use), stream the rest through a ring, each load
     starting as soon as the bytes it lands on are free. Raises BudgetTooSmall if nothing fits."""
     runs = use_runs(program)
-    fixed = activation_bytes + program.buffer_bytes
+    fixed = activation_bytes + program.fixed_bytes
     avail = (budget_bytes - fixed) // granularity * granularity
     need, need_step = _minimum_ring(program, runs, alignment)
     if avail < need:
@@ -249,7 +249,7 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
         op = program.ops[need_step]
         raise BudgetTooSmall(
             f"op {op.index} ({op.module!r}) needs {fmt_bytes(need)} of weights in place at once, plus "
-            f"{fmt_bytes(activation_bytes)} for activations and {fmt_bytes(program.buffer_bytes)} of buffers: "
+            f"{fmt_bytes(activation_bytes)} for activations and {fmt_bytes(program.fixed_bytes)} of fixed workspace: "
             f"{fmt_bytes(total_need)} in all, but the budget is {fmt_bytes(budget_bytes)}; raise the budget to "
             f"at least {fmt_bytes(total_need)}", op=op.module, need_bytes=total_need, budget_bytes=budget_bytes)
 
@@ -281,7 +281,7 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
             raise BudgetTooSmall(
                 f"the weights of op {op.index} ({op.module!r}) and its neighbours cannot be placed in "
                 f"{fmt_bytes(avail)} of arena ({fmt_bytes(budget_bytes)} budget less "
-                f"{fmt_bytes(fixed)} for activations and buffers); raise the budget to at least "
+                f"{fmt_bytes(fixed)} for activations and workspace); raise the budget to at least "
                 f"{fmt_bytes(total_need)}", op=op.module, need_bytes=total_need, budget_bytes=budget_bytes)
         order = order[:-1]
     residents, offset = [], 0
@@ -290,5 +290,5 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
         offset += sizes[w]
     return Plan(device=device, signature=program.signature, budget_bytes=budget_bytes,
                 arena_bytes=resident_bytes + ring_bytes, resident_bytes=resident_bytes,
-                activation_bytes=activation_bytes, buffer_bytes=program.buffer_bytes, alignment=alignment,
+                activation_bytes=activation_bytes, fixed_bytes=program.fixed_bytes, alignment=alignment,
                 residents=tuple(residents), loads=tuple(loads), n_ops=len(program.ops), status="simple")

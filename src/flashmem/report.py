@@ -13,7 +13,7 @@ from .units import align_up, fmt_bytes
 def memory_curve(plan: Plan, timeline: Timeline) -> tuple[list[float], list[int]]:
     """(times, bytes held) as a step function: residents and activations always, each load's bytes
     from the start of its issuing step to the end of its last use."""
-    base = plan.resident_bytes + plan.activation_bytes + plan.buffer_bytes
+    base = plan.resident_bytes + plan.activation_bytes + plan.fixed_bytes
     held_to = [timeline.step_end_s[load.last_use] for load in plan.loads]
     for j, load in enumerate(plan.loads):  # a load's bytes are free once a later load into them has begun
         begin, end = load.offset_bytes, load.offset_bytes + align_up(load.nbytes, plan.alignment)

@@ -25,6 +25,27 @@ def cap_allocator(device: torch.device, limit_bytes: int) -> float:
     return saved
 
 
+def unreleasable_bytes(device: torch.device) -> int:
+    """Reserved bytes the caching allocator cannot give back now: allocated blocks, and the free pieces of
+    segments that also hold allocated blocks (a 2 MiB input tensor keeps its whole 20 MiB segment)."""
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("allocated_bytes.all.current", 0) + stats.get("inactive_split_bytes.all.current", 0)
+
+
+def warm_math_workspace(device: torch.device) -> int:
+    """Make the cuBLAS workspace of the current stream on `device` exist (PyTorch takes it from the caching
+    allocator at a stream's first matrix product and keeps it: 32 MiB on recent GPUs) and return the bytes
+    it took: 0 where the caller's own products had made it already."""
+    torch.cuda.synchronize(device)
+    before = unreleasable_bytes(device)
+    x = torch.ones(16, 16, device=device, dtype=torch.float16)
+    torch.nn.functional.linear(x, x, x[0])  # cuBLASLt, as a Linear with a bias
+    torch.mm(x.float(), x.float())  # cuBLAS
+    del x
+    torch.cuda.synchronize(device)
+    return max(unreleasable_bytes(device) - before, 0)
+
+
 def lift_allocator_cap(device: torch.device, saved: float | None) -> None:
     """Undo `cap_allocator` (nothing if `saved` is None); returns None, the state after lifting."""
     if saved is not None:
@@ -91,13 +112,15 @@ class CudaMover:
 
     # -- a call --------------------------------------------------------------------------------------
     def _cap(self) -> None:
-        """Cap the caching allocator for the call at what the device holds now plus what the budget leaves
-        beside the arena: where cached but unused blocks would take reserved memory past the budget, the
-        allocator frees them first (and a call whose activations outgrow their reserve fails with
-        out-of-memory instead of overrunning)."""
-        room = self.plan.budget_bytes - self.plan.arena_bytes - self.plan.buffer_bytes
-        # never below what is reserved already (the caller's own tensors may leave unreleasable slack)
-        limit = max(torch.cuda.memory_allocated(self.device) + max(room, 0), torch.cuda.memory_reserved(self.device))
+        """Cap the caching allocator for the call at what it cannot give back now (allocated blocks and the
+        free pieces of the segments that hold them) plus what the budget leaves beside the arena. Where
+        cached free segments would take reserved memory past that, they are given back first; during the
+        call the allocator frees cached blocks before it goes past the cap, and a call whose activations
+        outgrow their reserve fails with out-of-memory instead of overrunning."""
+        room = self.plan.budget_bytes - self.plan.arena_bytes - self.plan.fixed_bytes
+        limit = unreleasable_bytes(self.device) + max(room, 0)
+        if torch.cuda.memory_reserved(self.device) > limit:
+            torch.cuda.empty_cache()  # another model's cached blocks, say; only these are given back
         self._saved_fraction = cap_allocator(self.device, limit)
 
     def _uncap(self) -> None:
@@ -168,7 +191,7 @@ class CudaMover:
     def end_call(self) -> None:
         self._uncap()
         self.t_end.record(self.compute)
-        held = self.plan.arena_bytes + self.plan.buffer_bytes
+        held = self.plan.arena_bytes + self.plan.fixed_bytes
         activations = torch.cuda.max_memory_allocated(self.device) - self.alloc_start
         self._pending = (held + max(activations, 0), self.streamed)
 

@@ -210,7 +210,7 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
     simple = simple_plan(program, budget_bytes=budget_bytes, device=device, alignment=alignment,
                          activation_bytes=activation_bytes, granularity=granularity)  # raises BudgetTooSmall
     simple = replace(simple, predicted_s=simulate(simple, costs).total_s)
-    avail = (budget_bytes - activation_bytes - program.buffer_bytes) // granularity * granularity
+    avail = (budget_bytes - activation_bytes - program.fixed_bytes) // granularity * granularity
     runs = use_runs(program)
     # Sizes in units of the alignment: exact, as the arena allocates them.
     size_u = {w.index: align_up(w.nbytes, alignment) // alignment for w in program.weights}

@@ -25,7 +25,7 @@ from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
 from .plan import Plan, simple_plan
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
-from .run_cuda import CudaMover
+from .run_cuda import CudaMover, warm_math_workspace
 from .store import FileStore, HostStore, MappedFiles, as_bytes
 from .trace import (MappedLoader, ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature,
                     module_names, placeholder, set_slots, typed_view)
@@ -51,7 +51,7 @@ class StreamedModel:
     """A model whose weights stream into a fixed device arena during each call, within a budget."""
 
     def __init__(self, model: nn.Module, mw: ModelWeights, make_store, originals: list[torch.Tensor],
-                 device: torch.device, budget_bytes: int, buffer_bytes: int, cpu_reads: str = "auto"):
+                 device: torch.device, budget_bytes: int, fixed_bytes: int, cpu_reads: str = "auto"):
         self.model = model
         self.device = device
         self.budget_bytes = budget_bytes
@@ -61,7 +61,7 @@ class StreamedModel:
         self._store = None
         self._make_store = make_store
         self._originals = originals
-        self._buffer_bytes = buffer_bytes
+        self._fixed_bytes = fixed_bytes
         self._alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
         self._placeholders = {w.index: placeholder(w) for w in mw.weights}
         self._plans: OrderedDict[str, tuple[Program, Plan]] = OrderedDict()
@@ -142,8 +142,8 @@ class StreamedModel:
             loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, resident)
             if self.device.type == "cuda":  # the trace may not take the device past the budget
                 held = self._arena.numel() if self._arena is not None else scratch.numel()
-                cap = dict(budget_bytes=self.budget_bytes, held_bytes=align_up(held, CUDA_GRANULARITY))
-        self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, signature,
+                cap = dict(budget_bytes=self.budget_bytes, held_bytes=align_up(held, CUDA_GRANULARITY) + self._fixed_bytes)
+        self._tracer = Tracer(self._mw, loader, self._placeholders, self.device, self._fixed_bytes, signature,
                               **cap)
         self._tracer.start()
 
@@ -330,7 +330,7 @@ class StreamedModel:
         loader = ScratchLoader(self.model, self._mw, self._read, scratch, self._alignment, kept,
                                fix="the budget's free bytes cannot hold it while the call is off the traced "
                                    "order; raise the budget, or trace with an input that takes this path")
-        self._on_demand = Tracer(self._mw, loader, self._placeholders, self.device, self._buffer_bytes, "on-demand")
+        self._on_demand = Tracer(self._mw, loader, self._placeholders, self.device, self._fixed_bytes, "on-demand")
         self._on_demand.watch_foreign_uses()
         self._on_demand.enter(self._names[id(module)])
 
@@ -358,7 +358,7 @@ class StreamedModel:
             if begin - start > size:
                 size, offset = begin - start, start
             start = max(start, end)
-        beyond = self.budget_bytes - plan.activation_bytes - plan.buffer_bytes - plan.arena_bytes
+        beyond = self.budget_bytes - plan.activation_bytes - plan.fixed_bytes - plan.arena_bytes
         beyond = max(beyond, 0) // self._alignment * self._alignment
         evicted = tuple(r.weight for r in plan.residents
                         if r.offset_bytes < offset + size and offset < r.offset_bytes + r.nbytes)
@@ -518,12 +518,12 @@ class StreamedModel:
         return f"StreamedModel({type(self.model).__name__}, budget={fmt_bytes(self.budget_bytes)}, device={self.device})"
 
 
-def _static_check(mw: ModelWeights, budget_bytes: int, buffer_bytes: int) -> None:
-    need = mw.max_working_bytes + buffer_bytes
+def _static_check(mw: ModelWeights, budget_bytes: int, fixed_bytes: int) -> None:
+    need = mw.max_working_bytes + fixed_bytes
     if need > budget_bytes:
         raise BudgetTooSmall(
             f"op {mw.max_working_module!r} needs {fmt_bytes(mw.max_working_bytes)} of weights in place at once"
-            f" (plus {fmt_bytes(buffer_bytes)} of buffers), but the budget is {fmt_bytes(budget_bytes)}; "
+            f" (plus {fmt_bytes(fixed_bytes)} of the math libraries' workspace), but the budget is {fmt_bytes(budget_bytes)}; "
             f"raise the budget to at least {fmt_bytes(need)} plus room for activations",
             op=mw.max_working_module, need_bytes=need, budget_bytes=budget_bytes)
 
@@ -552,10 +552,12 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     mw, tensors = collect_weights(model, alignment)
     if not mw.weights:
         raise FlashmemError(f"{type(model).__name__} has no parameters; there is nothing to stream")
-    buffer_bytes = 0  # buffers stream like parameters
-    _static_check(mw, budget_bytes, buffer_bytes)
+    # Buffers stream like parameters; what stays on the device beside the arena is the math libraries'
+    # workspace, made here (before the trace measures activations) where it does not exist yet.
+    fixed_bytes = warm_math_workspace(device) if device.type == "cuda" else 0
+    _static_check(mw, budget_bytes, fixed_bytes)
     streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device), tensors, device, budget_bytes,
-                             buffer_bytes, cpu_reads)
+                             fixed_bytes, cpu_reads)
     if debug is not None:
         streamed.debug = debug
     if hooks is not None:  # a Workload's composing and harvesting of programs

@@ -51,7 +51,7 @@ class Program:
     weights: tuple[Weight, ...]
     ops: tuple[Op, ...]
     activation_bytes: int  # peak device bytes the forward's activations took (CUDA, reserved); 0 where not measured
-    buffer_bytes: int  # module buffers, kept on the device for good
+    fixed_bytes: int  # held on the device for good beside the arena: the CUDA math libraries' workspace
     signature: str  # shapes and dtypes of the traced inputs
 
 
@@ -255,7 +255,7 @@ class Tracer:
     model's output, computed with every weight in place."""
 
     def __init__(self, mw: ModelWeights, loader: ScratchLoader, placeholders: dict[int, torch.Tensor],
-                 device: torch.device, buffer_bytes: int, signature: str, budget_bytes: int | None = None,
+                 device: torch.device, fixed_bytes: int, signature: str, budget_bytes: int | None = None,
                  held_bytes: int = 0):
         self.budget_bytes = budget_bytes  # CUDA: the trace's activations may not take the device past it
         self.held_bytes = held_bytes  # of the budget, what flashmem holds on the device already
@@ -264,7 +264,7 @@ class Tracer:
         self.loader = loader
         self.placeholders = placeholders
         self.device = device
-        self.buffer_bytes = buffer_bytes
+        self.fixed_bytes = fixed_bytes
         self.signature = signature
         self.ops: list[list] = []  # [module name, weights, end index]
         self.stack: list[int] = []
@@ -365,7 +365,7 @@ class Tracer:
             weights=self.mw.weights,
             ops=tuple(Op(i, name, ws, end) for i, (name, ws, end) in enumerate(self.ops)),
             activation_bytes=activation_bytes,
-            buffer_bytes=self.buffer_bytes,
+            fixed_bytes=self.fixed_bytes,
             signature=self.signature,
         )
 

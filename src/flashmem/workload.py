@@ -201,7 +201,7 @@ class Workload:
             base += len(part.ops)
         weights = self.streamed._mw.weights
         return Program(weights=weights, ops=tuple(ops), activation_bytes=max(p.activation_bytes for p in parts),
-                       buffer_bytes=0, signature=signature)
+                       fixed_bytes=self.streamed._fixed_bytes, signature=signature)
 
     # -- running -----------------------------------------------------------------------------------------
     def run(self, calls: list[Call]) -> list[CallResult]:
