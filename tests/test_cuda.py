@@ -177,7 +177,7 @@ def test_cuda_fresh_process_counts_the_math_workspace(kind, tmp_path):
     budget = int(0.45 * model_bytes(build(kind)))
     here = str(Path(__file__).resolve().parent)
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, here, kind, str(budget)], capture_output=True,
-                          text=True, timeout=600, cwd=here)
+                          text=True, timeout=600, cwd=str(Path(here).parent))
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["fixed"] > 0, "the fresh process's workspace was not seen"
