@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import threading
 
 import pytest
 import torch
@@ -354,6 +355,13 @@ def test_keyboard_interrupt_then_exact(streams):
     model.armed = True
     with pytest.raises(KeyboardInterrupt):
         sm(x)
+    # the cut-off call was ended at once: another thread's call is not refused as overlapping
+    got = []
+    worker = threading.Thread(target=lambda: got.append(sm(x).detach()))
+    with torch.no_grad():
+        worker.start()
+        worker.join(timeout=60)
+    assert got and torch.equal(got[0], ref)
     for _ in range(2):
         with torch.no_grad():
             assert torch.equal(sm(x), ref)

@@ -7,6 +7,8 @@ An input of a new shape or dtype is traced and planned again; plans are cached b
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 import threading
@@ -479,13 +481,42 @@ class StreamedModel:
         return plan
 
     def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        except BaseException:
+            self._end_cut_off_call()
+            raise
 
     def __getattr__(self, name: str):
         # Everything else (generate, config, ...) is the model's; its calls stream through the hooks.
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self.model, name)
+        attr = getattr(self.model, name)
+        if not inspect.ismethod(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def guarded(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except BaseException:
+                self._end_cut_off_call()
+                raise
+        return guarded
+
+    def _end_cut_off_call(self) -> None:
+        """End a call that a KeyboardInterrupt (or another BaseException that is not an Exception) cut off:
+        PyTorch skips the always-call hooks for those, so what the call held (the allocator cap on CUDA,
+        the IO thread's loads) is given back here, at once, and the model takes calls from any thread."""
+        with self._state_lock:
+            if not (self._active and self._active_thread == threading.get_ident()):
+                return
+            self._active = False
+        if self._tracer is not None:
+            self._finish_trace(failed=True)
+        else:
+            self._end_on_demand()
+            self._executor.end(failed=True)
 
     @property
     def plan(self) -> Plan:
@@ -580,10 +611,13 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
         if device.type == "cuda" and isinstance(err, torch.OutOfMemoryError):
             # the trace runs capped at the budget: the example's activations did not fit beside the weights
             need = budget_bytes + CUDA_GRANULARITY
+            workspace = (f"the CUDA math libraries' workspace takes {fmt_bytes(fixed_bytes)}, "
+                         if fixed_bytes else "")
             raise BudgetTooSmall(
                 f"op {mw.max_working_module!r} needs {fmt_bytes(mw.max_working_bytes)} of weights in place, and "
-                f"the example input's activations need more than the remaining "
-                f"{fmt_bytes(budget_bytes - mw.max_working_bytes)} of the budget of {fmt_bytes(budget_bytes)} "
+                f"{workspace}the example input's activations need more than the remaining "
+                f"{fmt_bytes(budget_bytes - mw.max_working_bytes - fixed_bytes)} of the budget of "
+                f"{fmt_bytes(budget_bytes)} "
                 f"(the trace stopped at the first allocation past it); raise the budget to at least "
                 f"{fmt_bytes(need)} (more, by the activations' size) or trace a smaller input",
                 op=mw.max_working_module, need_bytes=need, budget_bytes=budget_bytes) from err
