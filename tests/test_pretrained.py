@@ -194,19 +194,25 @@ def test_shard_outside_the_folder_is_refused(llama_sharded_folder, tmp_path):
         flashmem.from_pretrained(folder, "1MiB")
 
 
-def test_host_store_reads_in_the_background_and_waits_per_weight(tmp_path):
-    """The pinned host store of a CUDA from_pretrained fills on several threads; each read waits for its
+def test_host_store_reads_in_the_background_and_waits_per_weight(tmp_path, monkeypatch):
+    """The pinned host store of a CUDA from_pretrained fills on several threads, large weights in pieces
+    read by several threads, pinned chunk by chunk (pinning is a no-op without CUDA); each read waits for its
     weight, the bytes are the file's, and a failed read surfaces in the reader."""
     from safetensors.torch import save_file
 
+    from flashmem import store as store_mod
     from flashmem.files import TensorLocation, read_header
     from flashmem.store import HostStore
 
+    monkeypatch.setattr(store_mod, "READ_PIECE_BYTES", 1000)  # most weights in several pieces
+    monkeypatch.setattr(store_mod, "PIN_CHUNK_BYTES", 3 * 4096)  # several weights per chunk, several chunks
     tensors = {f"w{i}": torch.randn(1000 + 37 * i) for i in range(20)}
     save_file(tensors, str(tmp_path / "w.safetensors"))
     header = read_header(tmp_path / "w.safetensors")
     locs = [header[f"w{i}"] for i in range(20)]
-    store = HostStore([loc.nbytes for loc in locs])
+    store = HostStore([loc.nbytes for loc in locs], pin_now=False)
+    assert store.buffer.data_ptr() % 4096 == 0 and all(off % 4096 == 0 for off in store.chunk_starts)
+    assert 1 < len(store.chunk_starts) < 20 and store.total_bytes % 4096 == 0
     store.fill_in_background(locs + [], threads=3)
     for i in reversed(range(20)):
         out = torch.empty(locs[i].nbytes, dtype=torch.uint8)

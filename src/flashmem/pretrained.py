@@ -100,7 +100,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                                      f"was built in {w.dtype}; pass dtype={loc.dtype}")
             found.append(loc)
         if device.type == "cuda":  # read in the background: the trace (the first call) starts at once
-            store = HostStore([w.nbytes for w in mw.weights])
+            store = HostStore([w.nbytes for w in mw.weights], pin_now=False)
             store.fill_in_background(found)
             return store
         store = FileStore.spill(found, [w.name for w in mw.weights])

@@ -89,7 +89,8 @@ class CudaMover:
     def _copy_groups(self, store: HostStore) -> dict[int, list[tuple]]:
         """step -> [(dst, src, loads whose release to wait for, loads completed)]. Loads issued at one step
         that follow each other in both the arena and host memory, with only alignment padding between
-        them (padding the plan reserves with the load), move as one copy."""
+        them (padding the plan reserves with the load), and in one pinned chunk of the store, move as one
+        copy."""
         raw: dict[int, list[list]] = {}  # step -> [[dst_off, src_off, size, loads]]
         for j, load in enumerate(self.plan.loads):
             host = store.offsets[load.weight]
@@ -97,7 +98,8 @@ class CudaMover:
             if step_groups:
                 g = step_groups[-1]
                 gap = load.offset_bytes - (g[0] + g[2])
-                if 0 <= gap < self.plan.alignment and load.offset_bytes - g[0] == host - g[1]:
+                same_chunk = store.chunk_of[load.weight] == store.chunk_of[self.plan.loads[g[3][0]].weight]
+                if 0 <= gap < self.plan.alignment and load.offset_bytes - g[0] == host - g[1] and same_chunk:
                     g[2] = load.offset_bytes + load.nbytes - g[0]
                     g[3].append(j)
                     continue

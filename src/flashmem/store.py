@@ -1,7 +1,8 @@
 """Where the weights live between uses: the source that loads copy from.
 
 - `HostStore` (CUDA): every weight once, in one exact-size host buffer registered with CUDA as pinned
-  memory (PyTorch's pinned allocator would round a 5.6 GB request up to 8 GB).
+  memory (PyTorch's pinned allocator would round a 5.6 GB request up to 8 GB); filled from files on
+  several threads and pinned chunk by chunk as the reads land.
 - `FileStore` (CPU): every weight in safetensors files on storage, read with `pread` into the RAM arena.
 - `MappedFiles` (CPU): the same files mapped copy-on-write, so a weight is used where the page cache holds
   it, without a copy; it is brought in (`hold`) and dropped (`unhold`) page by page.
@@ -25,6 +26,9 @@ from .files import TensorLocation, pread_into, read_header
 from .units import align_up, fmt_bytes
 
 HOST_ALIGNMENT = 512
+PAGE_BYTES = 4096  # where a chunk of the host store starts: chunks are pinned one by one
+PIN_CHUNK_BYTES = 256 << 20  # a background-filled host store is pinned in chunks of about this size
+READ_PIECE_BYTES = 16 << 20  # the largest single read of a background fill
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -33,25 +37,48 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class HostStore:
-    """All weights in one pinned host buffer, each at a `HOST_ALIGNMENT`-aligned offset."""
+    """All weights in one host buffer registered with CUDA as pinned memory, each at a `HOST_ALIGNMENT`-
+    aligned offset, in chunks (runs of whole weights of about PIN_CHUNK_BYTES) that start on a page.
 
-    def __init__(self, nbytes_per_weight: list[int]):
-        self.offsets = []
+    `pin_now=True` pins the whole buffer at once (a model's own tensors are copied in right after). A store
+    filled from files in the background (`fill_in_background`) is pinned chunk by chunk instead, each chunk
+    as soon as its reads are in, so that pinning (which touches every page) overlaps the storage reads
+    rather than delaying the first of them."""
+
+    def __init__(self, nbytes_per_weight: list[int], pin_now: bool = True):
+        self.offsets: list[int] = []
+        self.chunk_of: list[int] = []  # per weight, its chunk
+        self.chunk_starts: list[int] = []
         total = 0
         for n in nbytes_per_weight:
+            if not self.chunk_starts or total - self.chunk_starts[-1] >= PIN_CHUNK_BYTES:
+                total = align_up(total, PAGE_BYTES)
+                self.chunk_starts.append(total)
             self.offsets.append(total)
+            self.chunk_of.append(len(self.chunk_starts) - 1)
             total += align_up(n, HOST_ALIGNMENT)
+        total = align_up(total, PAGE_BYTES)
         self.nbytes = nbytes_per_weight
         self.total_bytes = total
-        self.buffer = torch.empty(max(total, 1), dtype=torch.uint8)
-        self._registered = False
-        if torch.cuda.is_available() and total > 0:
-            err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), total, 0)
-            if int(err) != 0:
-                raise FlashmemError(f"could not pin {fmt_bytes(total)} of host memory for the weights "
-                                    f"(cudaHostRegister error {int(err)}); free host memory or lower the "
-                                    f"model's size")
-            self._registered = True
+        # page-aligned, so that chunks registered one by one never share a page
+        raw = torch.empty(max(total, 1) + PAGE_BYTES, dtype=torch.uint8)
+        start = -raw.data_ptr() % PAGE_BYTES
+        self.buffer = raw[start:start + max(total, 1)]
+        self._pinned: list[int] = []  # buffer offsets of the registered ranges
+        self._pin_lock = threading.Lock()
+        if pin_now:
+            self._pin(0, total)
+
+    def _pin(self, offset: int, nbytes: int) -> None:
+        if not torch.cuda.is_available() or nbytes <= 0:
+            return
+        err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr() + offset, nbytes, 0)
+        if int(err) != 0:
+            raise FlashmemError(f"could not pin {fmt_bytes(nbytes)} of host memory for the weights "
+                                f"(cudaHostRegister error {int(err)}); free host memory or lower the "
+                                f"model's size")
+        with self._pin_lock:
+            self._pinned.append(offset)
 
     def view(self, weight: int) -> torch.Tensor:
         off = self.offsets[weight]
@@ -60,40 +87,67 @@ class HostStore:
     def fill_from_tensor(self, weight: int, t: torch.Tensor) -> None:
         self.view(weight).copy_(as_bytes(t.detach().contiguous()))
 
-    def fill_from_file(self, weight: int, loc: TensorLocation) -> None:
-        fd = os.open(loc.path, os.O_RDONLY)
-        try:
-            pread_into(fd, loc.offset_bytes, memoryview(self.view(weight).numpy()))
-        finally:
-            os.close(fd)
-
     def fill_in_background(self, sources: list, threads: int = 4) -> None:
         """Read every weight (a TensorLocation, or a tensor) into the buffer on `threads` threads, in weight
-        order, several reads in flight; `read_into` waits for its weight, so a model's first ops run while
-        later weights are still being read (a cold start overlaps storage with compute)."""
+        order, in pieces of at most READ_PIECE_BYTES (a large weight is read by every thread at once);
+        each chunk of weights is pinned by the thread that completes it. `read_into` waits for its weight,
+        so a model's first ops run while later weights are still being read (a cold start overlaps storage
+        with compute); `wait_all` waits for every read and every pin."""
         self._ready = [threading.Event() for _ in sources]
         self._fill_error: BaseException | None = None
-        cursor = iter(range(len(sources)))
+        chunk_of = self.chunk_of
+        n_chunks = len(self.chunk_starts)
+        chunk_start = self.chunk_starts
+        chunk_end = chunk_start[1:] + [self.total_bytes]
+        pieces = []  # (weight, start, end) in weight order
+        for w, src in enumerate(sources):
+            n = self.nbytes[w]
+            step = n if isinstance(src, torch.Tensor) else READ_PIECE_BYTES
+            pieces.extend((w, a, min(a + step, n)) for a in range(0, max(n, 1), max(step, 1)))
+        left_in_weight = [0] * len(sources)
+        left_in_chunk = [0] * n_chunks
+        for w, _, _ in pieces:
+            left_in_weight[w] += 1
+        for w in range(len(sources)):
+            left_in_chunk[chunk_of[w]] += left_in_weight[w]
+        cursor = iter(pieces)
         lock = threading.Lock()
 
         def work() -> None:
-            while True:
-                with lock:
-                    i = next(cursor, None)
-                if i is None or self._fill_error is not None:
-                    return
-                try:
-                    src = sources[i]
+            fds: dict[str, int] = {}
+            try:
+                while True:
+                    with lock:
+                        piece = next(cursor, None)
+                    if piece is None or self._fill_error is not None:
+                        return
+                    w, a, b = piece
+                    src = sources[w]
                     if isinstance(src, torch.Tensor):
-                        self.fill_from_tensor(i, src)
-                    else:
-                        self.fill_from_file(i, src)
-                except BaseException as err:  # surfaced by read_into / wait_all
-                    self._fill_error = err
-                    for ev in self._ready:
-                        ev.set()
-                    return
-                self._ready[i].set()
+                        self.fill_from_tensor(w, src)
+                    elif b > a:
+                        fd = fds.get(src.path)
+                        if fd is None:
+                            fd = fds[src.path] = os.open(src.path, os.O_RDONLY)
+                        dst = self.buffer[self.offsets[w] + a:self.offsets[w] + b]
+                        pread_into(fd, src.offset_bytes + a, memoryview(dst.numpy()))
+                    with lock:
+                        left_in_weight[w] -= 1
+                        weight_done = left_in_weight[w] == 0
+                        c = chunk_of[w]
+                        left_in_chunk[c] -= 1
+                        chunk_done = left_in_chunk[c] == 0
+                    if weight_done:
+                        self._ready[w].set()
+                    if chunk_done:
+                        self._pin(chunk_start[c], chunk_end[c] - chunk_start[c])
+            except BaseException as err:  # surfaced by read_into / wait_all
+                self._fill_error = err
+                for ev in self._ready:
+                    ev.set()
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
 
         self._fillers = [threading.Thread(target=work, name=f"flashmem-read-{k}", daemon=True) for k in range(threads)]
         for t in self._fillers:
@@ -107,7 +161,7 @@ class HostStore:
                 raise FlashmemError(f"reading the weights from storage failed: {self._fill_error}") from self._fill_error
 
     def wait_all(self) -> None:
-        """Until every weight is in the buffer."""
+        """Until every weight is in the buffer (and the buffer pinned)."""
         for t in getattr(self, "_fillers", ()):
             t.join()
         if getattr(self, "_fill_error", None) is not None:
@@ -120,9 +174,10 @@ class HostStore:
     def close(self) -> None:
         for t in getattr(self, "_fillers", ()):
             t.join()
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
-            self._registered = False
+        with self._pin_lock:
+            pinned, self._pinned = self._pinned, []
+        for off in pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr() + off)
         self.buffer = torch.empty(0, dtype=torch.uint8)
 
     def __del__(self):
