@@ -287,6 +287,86 @@ def test_cuda_from_pretrained(tmp_path):
         settle()
 
 
+@pytest.mark.parametrize("debug", [None, flashmem.DebugOptions(poison=True, slow_copy_s=0.0002)])
+def test_cuda_host_budget_streams_from_storage_exactly(tmp_path, debug):
+    """With a host budget the weights stay in the folder's files: each call reads what it streams through a
+    pinned staging ring of that size (which is all the store holds on the host), exact against transformers
+    with every weight on the GPU, over several calls and two input shapes, with poisoned releases; the
+    device's reserved memory grows by at most the budget, and the host's RSS by far less than the model."""
+    from transformers import LlamaForCausalLM
+
+    from flashmem.demo import rss
+    from flashmem.store import StagedStore
+
+    save_folder(build("llama"), tmp_path)
+    xs = inputs() + inputs(1, seq=SEQ + 8)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).cuda().eval()
+    with torch.no_grad():
+        refs = [out_of(model(x)).clone() for x in xs]
+    nbytes = model_bytes(model)
+    del model
+    settle()
+    budget, host_budget = int(0.45 * nbytes), 80 * MiB  # the largest weight is 32 MiB
+    rss_before = rss("VmRSS")
+    before = torch.cuda.memory_reserved()
+    sm = flashmem.from_pretrained(tmp_path, budget, device="cuda", example_inputs=(xs[0],),
+                                  host_budget=host_budget, debug=debug)
+    try:
+        assert isinstance(sm._store, StagedStore) and sm._store.ring.numel() == host_budget
+        assert sm.plan.loads and sm.plan.total_bytes <= budget
+        for _ in range(3):
+            for x, ref in zip(xs, refs):
+                with torch.no_grad():
+                    assert torch.equal(out_of(sm(x)), ref)
+                assert sm.stats.streamed_bytes > 0
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_reserved() - before <= budget
+        grown = rss("VmRSS") - rss_before
+        assert grown < host_budget + (nbytes - host_budget) // 2, (fmt_bytes(grown), fmt_bytes(nbytes))
+    finally:
+        sm.close()
+        settle()
+
+
+def test_cuda_host_budget_read_failure_then_exact(monkeypatch):
+    """A storage read that fails in the middle of a host-budget call surfaces in the caller as a
+    FlashmemError; the next calls are exact. A host budget below the largest weight is refused first."""
+    from flashmem.store import StagedStore
+
+    model = build("llama")
+    x = inputs(1)[0]
+    model.cuda()
+    with torch.no_grad():
+        ref = out_of(model(x)).clone()
+    model.cpu()
+    settle()
+    with pytest.raises(flashmem.BudgetTooSmall, match="staging ring must hold the largest weight"):
+        flashmem.stream(build("llama"), int(0.45 * model_bytes(model)), device="cuda", example_inputs=(x,),
+                        host_budget=16 * MiB)
+    sm = flashmem.stream(model, int(0.45 * model_bytes(model)), device="cuda", example_inputs=(x,),
+                         host_budget=64 * MiB)
+    try:
+        real = StagedStore.read_stage
+        calls = {"n": 0}
+
+        def flaky(self, weight, ring_offset):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError(5, "Input/output error (injected)")
+            return real(self, weight, ring_offset)
+
+        monkeypatch.setattr(StagedStore, "read_stage", flaky)
+        with pytest.raises(flashmem.FlashmemError, match="injected"), torch.no_grad():
+            sm(x)
+        for _ in range(2):
+            with torch.no_grad():
+                assert torch.equal(out_of(sm(x)), ref)
+        assert calls["n"] > 5
+    finally:
+        sm.close()
+        settle()
+
+
 def test_cuda_poisoned_and_slow_copies_stay_exact(case):
     """Released arena bytes are filled with 0xFF (NaN) on the compute stream and every copy is held back on
     the copy stream: a missing event wait would compute on NaN or on the previous weight."""

@@ -219,3 +219,64 @@ def test_cuda_call_cap_arithmetic(monkeypatch):
     mover._uncap()
     mover._uncap()  # a second restore changes nothing
     assert state["fraction"] == 0.75
+
+
+def test_staging_ring_reuses_bytes_only_after_the_copies_that_held_them():
+    """Under a host budget, loads pass through a pinned ring first in, first out. Every load lies inside
+    the ring, and for every earlier load whose ring bytes it reuses, it waits for that load's copy or a
+    later one's (copies finish in order on one stream), for many random plans."""
+    import random
+    from types import SimpleNamespace
+
+    from flashmem.plan import Load
+    from flashmem.run_cuda import stage_in_ring
+    from flashmem.store import HOST_ALIGNMENT
+
+    rng = random.Random(0)
+    for _ in range(300):
+        ring = rng.choice([4, 7, 16]) * HOST_ALIGNMENT
+        sizes = [rng.randint(1, ring) for _ in range(rng.randint(1, 40))]
+        loads = [Load(weight=j, start_step=j // 2, first_use=j, last_use=j, release_op=j, offset_bytes=0,
+                      nbytes=n) for j, n in enumerate(sizes)]
+        order = list(range(len(loads)))
+        ring_at, after = stage_in_ring(SimpleNamespace(loads=loads), order, ring)
+        span = [(ring_at[j], ring_at[j] + align_up(n, HOST_ALIGNMENT)) for j, n in enumerate(sizes)]
+        for j in order:
+            assert 0 <= span[j][0] and span[j][1] <= ring
+            for k in range(j):
+                if span[k][0] < span[j][1] and span[j][0] < span[k][1]:
+                    assert any(k2 >= k for k2 in after[j]), (ring, sizes, j, k)
+    with pytest.raises(FlashmemError, match="larger than the staging ring"):
+        stage_in_ring(SimpleNamespace(loads=[Load(0, 0, 0, 0, 0, 0, 5 * HOST_ALIGNMENT)]), [0], 4 * HOST_ALIGNMENT)
+
+
+def test_staged_store_reads_a_weight_larger_than_its_ring_in_pieces(tmp_path):
+    """The synchronous reads of a host-budget store (the trace's, the residents') pass through the ring a
+    ring's worth at a time: the bytes arrive whole even where the weight is several rings long."""
+    from flashmem.store import FileStore, StagedStore
+
+    tensors = [torch.randn(10_000), torch.randn(300)]
+    store = StagedStore(FileStore.spill(tensors, ["a", "b"]), ring_bytes=4096)
+    try:
+        for i, t in enumerate(tensors):
+            out = torch.empty(t.numel() * 4, dtype=torch.uint8)
+            store.read_into(i, out)
+            assert torch.equal(out.view(torch.float32), t)
+        assert store.read_stage(1, 512).data_ptr() == store.ring.data_ptr() + 512
+        assert torch.equal(store.ring[512:512 + 1200].view(torch.float32), tensors[1])
+    finally:
+        store.close()
+
+
+def test_host_budget_is_refused_on_the_cpu_and_must_hold_the_largest_weight():
+    from flashmem.streamed import _host_budget_check
+
+    model = make_model("mlp")
+    with pytest.raises(FlashmemError, match="host_budget applies to CUDA"):
+        flashmem.stream(model, 10**9, device="cpu", example_inputs=(make_input("mlp"),), host_budget="1GiB")
+    mw, _ = collect_weights(model, 64)
+    largest = max(w.nbytes for w in mw.weights)
+    with pytest.raises(BudgetTooSmall, match="the pinned staging ring must hold the largest weight") as info:
+        _host_budget_check(mw, largest - 1)
+    assert fmt_bytes(largest - 1) in str(info.value)
+    _host_budget_check(mw, align_up(largest, 4096))  # enough

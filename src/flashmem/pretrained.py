@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import BadModelFolder
 from .files import convert_pickles, index_folder, pickle_checkpoints
-from .store import FileStore, HostStore
+from .store import FileStore, HostStore, StagedStore
 from .streamed import StreamedModel, build, default_cache_dir
 from .trace import ModelWeights
 
@@ -58,14 +58,16 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                     example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, planner: str = "simple",
                     cache_dir: str | Path | None = None, allow_pickle: bool = False,
-                    debug=None, cpu_reads: str = "auto") -> StreamedModel:
+                    debug=None, cpu_reads: str = "auto", host_budget=None) -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
     floating dtype. A model folder is untrusted input: `trust_remote_code` stays off unless you turn it on,
     and pickle checkpoints (.bin, .pt) are refused unless `allow_pickle=True`, which loads them with
     `torch.load(weights_only=True)` into a safetensors copy under ~/.cache/flashmem/converted.
-    `cpu_reads` is as for `flashmem.stream`.
+    `cpu_reads` is as for `flashmem.stream`. `host_budget` (CUDA): the weights stay in the folder's files
+    and each call reads what it streams through a pinned staging ring of this size, so a model larger than
+    the machine's RAM runs; without it, the weights are read once into pinned host memory.
     """
     path = Path(path)
     if allow_pickle and not list(path.glob("*.safetensors")) and pickle_checkpoints(path):
@@ -79,7 +81,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
             raise BadModelFolder("pass example_inputs: flashmem traces the model with one real input")
         example_inputs = (torch.arange(8).remainder(vocab).unsqueeze(0),)
 
-    def source(mw: ModelWeights, tensors, device):
+    def source(mw: ModelWeights, tensors, device, host_budget_bytes=None):
         # Each weight comes from the files; a buffer the files lack (non-persistent) from the model itself.
         found = []
         for w, t in zip(mw.weights, tensors):
@@ -99,6 +101,8 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                 raise BadModelFolder(f"weight {w.name!r} is {loc.dtype} in {Path(loc.path).name} but the model "
                                      f"was built in {w.dtype}; pass dtype={loc.dtype}")
             found.append(loc)
+        if host_budget_bytes is not None:
+            return StagedStore(FileStore.spill(found, [w.name for w in mw.weights]), host_budget_bytes)
         if device.type == "cuda":  # read in the background: the trace (the first call) starts at once
             store = HostStore([w.nbytes for w in mw.weights], pin_now=False)
             store.fill_in_background(found)
@@ -111,4 +115,5 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
         return store
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
-                 cache_dir=cache_dir, eager_store=True, debug=debug, cpu_reads=cpu_reads)
+                 cache_dir=cache_dir, eager_store=True, debug=debug, cpu_reads=cpu_reads,
+                 host_budget=host_budget)

@@ -4,16 +4,22 @@ Ordering uses events only, never the host: a load's copy waits for the release e
 load that held its bytes; compute waits for the load's completion event before the first op that uses
 it; a call's first copies wait for everything the compute stream did before the call. Loads issued at
 the same step whose bytes are contiguous both in host memory and in the arena move as one copy.
+
+`StagedCudaMover` (a host budget) reads each call's loads from storage into a pinned staging ring on
+threads and copies them onto the device from there, in the same event-ordered way.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
+from .errors import FlashmemError
 from .plan import Plan, previous_holders
 from .run import CallStats, DebugOptions
-from .store import HostStore
+from .store import HOST_ALIGNMENT, HostStore, StagedStore
+from .units import align_up, fmt_bytes
 
 
 def cap_allocator(device: torch.device, limit_bytes: int) -> float:
@@ -237,3 +243,174 @@ class CudaMover:
         self.t_end.synchronize()
         ends = [self.marks[i + 1][0] for i in range(self.plan.n_ops - 1)] + [self.t_end]
         return [self.marks[i][1].elapsed_time(ends[i]) / 1e3 for i in range(self.plan.n_ops)]
+
+
+class StagedCudaMover(CudaMover):
+    """CUDA under a host budget (`StagedStore`): each call reads what it streams from storage into a pinned
+    staging ring and copies it onto the device from there.
+
+    Loads go through the ring in the order they start (first-in, first-out, wrapping at its end). Reader
+    threads read them ahead, each into its slot once the copies of the loads that held those ring bytes
+    have finished; one issuer thread, in order, waits for a load's read and for its arena bytes to be
+    released by compute (the release's event is recorded first), then copies it on the copy stream. The
+    compute thread waits for a load's copy to be issued (the only host wait of a call, and only when storage
+    is behind), then its stream waits on the copy's event, as in `CudaMover`."""
+
+    READERS = 4  # several reads in flight: what storage needs to reach its rate
+
+    def __init__(self, plan: Plan, store: StagedStore, arena: torch.Tensor, device: torch.device,
+                 timing: bool = True, debug: DebugOptions = DebugOptions()):
+        super().__init__(plan, store, arena, device, timing=timing, debug=debug)
+        self.store = store
+        self.order = sorted(range(len(plan.loads)), key=lambda j: (plan.loads[j].start_step, j))
+        self.ring_at, self.stage_after = stage_in_ring(plan, self.order, store.ring_bytes)
+        n = len(plan.loads)
+        self.read_done = [threading.Event() for _ in range(n)]
+        self.issued = [threading.Event() for _ in range(n)]
+        self.released = [threading.Event() for _ in range(n)]
+        self.threads: list[threading.Thread] = []
+        self.io_error: BaseException | None = None
+        self.stop = False
+
+    def _copy_groups(self, store) -> dict[int, list[tuple]]:
+        return {}  # the issuer thread copies load by load
+
+    # -- a call --------------------------------------------------------------------------------------
+    def begin_call(self) -> None:
+        self.store.check_unchanged()  # before the allocator is capped: a refusal leaves nothing behind
+        super().begin_call()
+        for flags in (self.read_done, self.issued, self.released):
+            for ev in flags:
+                ev.clear()
+        self.io_error, self.stop = None, False
+        self.cursor = iter(self.order)
+        self.claim = threading.Lock()
+        self.threads = [threading.Thread(target=self._reader, name=f"flashmem-stage-{k}", daemon=True)
+                        for k in range(self.READERS)]
+        self.threads.append(threading.Thread(target=self._issuer, name="flashmem-issue", daemon=True))
+        for t in self.threads:
+            t.start()
+
+    def issue(self, loads: tuple[int, ...]) -> None:
+        pass  # the issuer thread issues every load, in order
+
+    def wait(self, loads: tuple[int, ...], op: int) -> None:
+        if self.timing:
+            before, after = self.marks[op]
+            before.record(self.compute)
+        for j in loads:
+            self._await(self.issued[j])
+            self.compute.wait_event(self.done[j])
+        if self.timing:
+            after.record(self.compute)
+            self.marked.append(op)
+
+    def release(self, loads: tuple[int, ...]) -> None:
+        super().release(loads)  # records the releases' events on the compute stream first
+        for j in loads:
+            self.released[j].set()
+
+    def end_call(self) -> None:
+        self._join()
+        super().end_call()
+
+    def abort_call(self, keep: frozenset[int] = frozenset()) -> None:
+        self.stop = True
+        self._join()
+        super().abort_call(keep)
+
+    # -- the threads ---------------------------------------------------------------------------------
+    def _await(self, flag: threading.Event) -> None:
+        """Wait for a flag another thread sets; a failure of the staging threads surfaces here."""
+        while not flag.wait(0.05):
+            if self.stop:
+                raise _Stopped()
+        if self.io_error is not None:
+            if isinstance(self.io_error, FlashmemError):
+                raise self.io_error
+            raise FlashmemError(f"reading the weights from storage failed: {self.io_error}") from self.io_error
+
+    def _fail(self, err: BaseException) -> None:
+        if self.io_error is None:
+            self.io_error = err
+        for flags in (self.read_done, self.issued):
+            for ev in flags:
+                ev.set()
+
+    def _reader(self) -> None:
+        try:
+            self.copy_tail.synchronize()  # the last call's copies out of the ring are done
+            while not self.stop and self.io_error is None:
+                with self.claim:
+                    j = next(self.cursor, None)
+                if j is None:
+                    return
+                for k in self.stage_after[j]:  # earlier loads that held these ring bytes
+                    self._await(self.issued[k])
+                    self.done[k].synchronize()
+                self.store.read_stage(self.plan.loads[j].weight, self.ring_at[j])
+                self.read_done[j].set()
+        except _Stopped:
+            return
+        except BaseException as err:  # noqa: BLE001 - surfaced in the compute thread
+            self._fail(err)
+
+    def _issuer(self) -> None:
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
+                for j in self.order:
+                    load = self.plan.loads[j]
+                    self._await(self.read_done[j])
+                    k = self.wait_free[j]
+                    if k is not None:
+                        self._await(self.released[k])
+                        self.copy_stream.wait_event(self.freed[k])
+                    a = self.ring_at[j]
+                    if self.slow_cycles:  # debug: copies held back, to shake out missing waits
+                        torch.cuda._sleep(self.slow_cycles)
+                    self.arena[load.offset_bytes:load.offset_bytes + load.nbytes].copy_(
+                        self.store.ring[a:a + load.nbytes], non_blocking=True)
+                    self.done[j].record(self.copy_stream)
+                    self.streamed += load.nbytes
+                    self.issued[j].set()
+                self.copy_tail.record(self.copy_stream)
+        except _Stopped:
+            self.copy_tail.record(self.copy_stream)
+        except BaseException as err:  # noqa: BLE001 - surfaced in the compute thread
+            self._fail(err)
+
+    def _join(self) -> None:
+        for t in self.threads:
+            t.join()
+        self.threads = []
+        # the ring may be written by the host next (a trace's synchronous reads): no copy may still read it
+        self.copy_stream.synchronize()
+
+
+class _Stopped(Exception):
+    """The call was aborted: the staging threads leave."""
+
+
+def stage_in_ring(plan: Plan, order: list[int], ring_bytes: int) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Each load's offset in the staging ring (first in, first out, in `order`, wrapping at the end) and
+    the latest earlier load whose ring bytes it reuses (its copy, and with it every earlier copy on the
+    one copy stream, must finish before the load is read into the ring)."""
+    ring_at = [0] * len(plan.loads)
+    after: list[tuple[int, ...]] = [()] * len(plan.loads)
+    placed: list[int] = []
+    cursor = 0
+    for j in order:
+        size = align_up(plan.loads[j].nbytes, HOST_ALIGNMENT)
+        if size > ring_bytes:
+            raise FlashmemError(f"internal: load {j} ({fmt_bytes(size)}) is larger than the staging ring "
+                                f"({fmt_bytes(ring_bytes)})")
+        if cursor + size > ring_bytes:
+            cursor = 0
+        ring_at[j] = cursor
+        for k in reversed(placed):  # copies finish in order: waiting for the latest holder is enough
+            if ring_at[k] < cursor + size and cursor < ring_at[k] + align_up(plan.loads[k].nbytes, HOST_ALIGNMENT):
+                after[j] = (k,)
+                break
+        placed.append(j)
+        cursor += size
+    return ring_at, after

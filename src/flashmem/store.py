@@ -3,6 +3,8 @@
 - `HostStore` (CUDA): every weight once, in one exact-size host buffer registered with CUDA as pinned
   memory (PyTorch's pinned allocator would round a 5.6 GB request up to 8 GB); filled from files on
   several threads and pinned chunk by chunk as the reads land.
+- `StagedStore` (CUDA with a host budget): the weights stay in their files; each call reads what it
+  streams into a pinned staging ring of the host budget's size, and copies it onto the device from there.
 - `FileStore` (CPU): every weight in safetensors files on storage, read with `pread` into the RAM arena.
 - `MappedFiles` (CPU): the same files mapped copy-on-write, so a weight is used where the page cache holds
   it, without a copy; it is brought in (`hold`) and dropped (`unhold`) page by page.
@@ -187,6 +189,60 @@ class HostStore:
             pass
 
 
+class StagedStore:
+    """CUDA with a host budget: the weights stay in their files, and each call reads what it streams from
+    storage into a pinned staging ring of `ring_bytes` (the host budget), from which it is copied onto the
+    device. The host holds the ring and nothing more of the weights."""
+
+    def __init__(self, files: "FileStore", ring_bytes: int):
+        self.files = files
+        self.nbytes = files.nbytes
+        self.total_bytes = files.total_bytes
+        self.ring_bytes = ring_bytes
+        raw = torch.empty(max(ring_bytes, 1) + PAGE_BYTES, dtype=torch.uint8)
+        start = -raw.data_ptr() % PAGE_BYTES
+        self.ring = raw[start:start + max(ring_bytes, 1)]
+        self._pinned = False
+        if torch.cuda.is_available() and ring_bytes > 0:
+            err = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), ring_bytes, 0)
+            if int(err) != 0:
+                raise FlashmemError(f"could not pin the {fmt_bytes(ring_bytes)} staging ring of the host budget "
+                                    f"(cudaHostRegister error {int(err)}); free host memory or lower host_budget")
+            self._pinned = True
+        self._lock = threading.Lock()  # the ring is shared by synchronous reads; calls' reads are ordered
+
+    def read_stage(self, weight: int, ring_offset: int) -> torch.Tensor:
+        """Read `weight` from its file into the ring at `ring_offset`; returns that slice of the ring."""
+        dst = self.ring[ring_offset:ring_offset + self.nbytes[weight]]
+        self.files.read_into_view(weight, memoryview(dst.numpy()))
+        return dst
+
+    def read_into(self, weight: int, dst: torch.Tensor) -> None:
+        """Synchronous (the trace, resident weights): through the ring, a ring's worth at a time."""
+        flat = dst.reshape(-1)
+        with self._lock:
+            for a in range(0, self.nbytes[weight], self.ring_bytes):
+                n = min(self.ring_bytes, self.nbytes[weight] - a)
+                self.files.read_into_view(weight, memoryview(self.ring[:n].numpy()), start_bytes=a)
+                flat[a:a + n].copy_(self.ring[:n])  # a synchronous copy: the ring is free again after it
+
+    def check_unchanged(self) -> None:
+        self.files.check_unchanged()
+
+    def close(self) -> None:
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.ring.data_ptr())
+            self._pinned = False
+        self.ring = torch.empty(0, dtype=torch.uint8)
+        self.files.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may already be gone
+            pass
+
+
 class FileStore:
     """Weights in safetensors files; `read_into` preads one weight into a CPU buffer."""
 
@@ -287,9 +343,10 @@ class FileStore:
     def read_into(self, weight: int, dst: torch.Tensor) -> None:
         self.read_into_view(weight, memoryview(dst.numpy()))
 
-    def read_into_view(self, weight: int, dst: memoryview) -> None:
+    def read_into_view(self, weight: int, dst: memoryview, start_bytes: int = 0) -> None:
+        """Fill `dst` with the weight's bytes from `start_bytes` on."""
         loc = self.locations[weight]
-        pread_into(self._fds[loc.path], loc.offset_bytes, dst)
+        pread_into(self._fds[loc.path], loc.offset_bytes + start_bytes, dst)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

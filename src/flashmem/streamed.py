@@ -27,8 +27,8 @@ from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
 from .plan import Plan, simple_plan
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
-from .run_cuda import CudaMover, warm_math_workspace
-from .store import FileStore, HostStore, MappedFiles, as_bytes
+from .run_cuda import CudaMover, StagedCudaMover, warm_math_workspace
+from .store import HOST_ALIGNMENT, FileStore, HostStore, MappedFiles, StagedStore, as_bytes
 from .trace import (MappedLoader, ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature,
                     module_names, placeholder, set_slots, typed_view)
 from .units import align_up, fmt_bytes, parse_bytes
@@ -252,7 +252,8 @@ class StreamedModel:
             self._resident_views = resident_views
             self._set_all(lambda w: self._resident_views.get(w, self._placeholders[w]))
         if self.device.type == "cuda":
-            mover = CudaMover(plan, self._store, self._arena, self.device, debug=self.debug)
+            kind = StagedCudaMover if isinstance(self._store, StagedStore) else CudaMover
+            mover = kind(plan, self._store, self._arena, self.device, debug=self.debug)
         else:
             mover = CpuMover(plan, self._store, self._arena, debug=self.debug)
         self._install_executor(program, plan, load_views, mover)
@@ -568,8 +569,10 @@ def default_cache_dir() -> Path:
 
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
           planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False,
-          debug: DebugOptions | None = None, cpu_reads: str = "auto", hooks=None) -> StreamedModel:
-    """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device)` makes the weight store, once
+          debug: DebugOptions | None = None, cpu_reads: str = "auto", hooks=None,
+          host_budget=None) -> StreamedModel:
+    """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device, host_budget_bytes)` makes the
+    weight store (a `StagedStore` where `host_budget_bytes` is not None), once
     the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
     built on the meta device has no tensors to read)."""
     device = check_device(device)
@@ -578,23 +581,33 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
         raise FlashmemError(f"planner {planner!r} is not one of {', '.join(PLANNERS)}")
     if cpu_reads not in CPU_READS:
         raise FlashmemError(f"cpu_reads {cpu_reads!r} is not one of {', '.join(CPU_READS)}")
+    host_budget_bytes = None if host_budget is None else parse_bytes(host_budget)
+    if host_budget_bytes is not None and device.type != "cuda":
+        raise FlashmemError("host_budget applies to CUDA, where weights wait in host memory; on the CPU, RAM is "
+                            "the device and `budget` bounds it: leave host_budget out")
+    if host_budget_bytes is not None and planner != "simple":
+        raise FlashmemError(f"planner {planner!r} does not model the storage link yet; with host_budget use "
+                            f"planner='simple'")
     model.eval()
     alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
     mw, tensors = collect_weights(model, alignment)
     if not mw.weights:
         raise FlashmemError(f"{type(model).__name__} has no parameters; there is nothing to stream")
+    if host_budget_bytes is not None:
+        _host_budget_check(mw, host_budget_bytes)
     # Buffers stream like parameters; what stays on the device beside the arena is the math libraries'
     # workspace, made here (before the trace measures activations) where it does not exist yet.
     fixed_bytes = warm_math_workspace(device) if device.type == "cuda" else 0
     _static_check(mw, budget_bytes, fixed_bytes)
-    streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device), tensors, device, budget_bytes,
+    streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device, host_budget_bytes), tensors, device, budget_bytes,
                              fixed_bytes, cpu_reads)
     if debug is not None:
         streamed.debug = debug
     if hooks is not None:  # a Workload's composing and harvesting of programs
         hooks(streamed)
     if eager_store:
-        streamed._store, streamed._make_store, streamed._originals = source(mw, tensors, device), None, None
+        streamed._store, streamed._make_store, streamed._originals = (source(mw, tensors, device, host_budget_bytes),
+                                                                       None, None)
     args = tuple(example_inputs) if example_inputs is not None else ()
     kwargs = dict(example_kwargs or {})
     if not args and not kwargs:
@@ -631,7 +644,21 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     return streamed
 
 
-def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: torch.device):
+def _host_budget_check(mw: ModelWeights, host_budget_bytes: int) -> None:
+    largest = max(mw.weights, key=lambda w: w.nbytes)
+    need = align_up(largest.nbytes, HOST_ALIGNMENT)
+    if need > host_budget_bytes:
+        raise BudgetTooSmall(
+            f"host_budget is {fmt_bytes(host_budget_bytes)}, but weight {largest.name!r} alone is "
+            f"{fmt_bytes(largest.nbytes)}: the pinned staging ring must hold the largest weight; raise host_budget "
+            f"to at least {fmt_bytes(need)} (several times that lets reads run ahead)",
+            op=largest.name, need_bytes=need, budget_bytes=host_budget_bytes)
+
+
+def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: torch.device,
+                        host_budget_bytes: int | None = None):
+    if host_budget_bytes is not None:  # to a file, then from storage through a staging ring on each call
+        return StagedStore(FileStore.spill(tensors, [w.name for w in mw.weights]), host_budget_bytes)
     if device.type == "cuda":
         store = HostStore([w.nbytes for w in mw.weights])
         for w, t in zip(mw.weights, tensors):
@@ -643,7 +670,7 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
            example_kwargs: dict | None = None, planner: str = "simple",
            cache_dir: str | Path | None = None, debug: DebugOptions | None = None,
-           cpu_reads: str = "auto") -> StreamedModel:
+           cpu_reads: str = "auto", host_budget=None) -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
@@ -655,6 +682,9 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     cpu_reads: on the CPU, "map" (use the weights where the page cache holds them, faulting pages in
     ahead of compute and dropping them after: no copies; each weight costs the 4 KiB pages it touches),
     "copy" (`pread` them into a RAM arena), or "auto" (map, unless pages would cost over 1% more bytes).
+    host_budget: CUDA only, same units as `budget`: the weights go to a file, and each call reads what it
+    streams from storage through a pinned staging ring of this size, which is all the host then holds of
+    them (without it, every weight waits in pinned host memory).
 
     Outputs are bit-identical to the model run with all weights resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
@@ -665,4 +695,4 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     True
     """
     return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
-                 planner=planner, cache_dir=cache_dir, debug=debug, cpu_reads=cpu_reads)
+                 planner=planner, cache_dir=cache_dir, debug=debug, cpu_reads=cpu_reads, host_budget=host_budget)
