@@ -7,10 +7,12 @@ Cache states: "cold" = the folder's files evicted from the page cache before the
 (`sync; echo 1 > /proc/sys/vm/drop_caches` where allowed, and posix_fadvise(DONTNEED) per file; the pages
 still resident, checked with mincore, are recorded); "warm" = the files read once right before.
 Modes: flashmem (flashmem.from_pretrained: weights read into pinned memory on 4 threads while the trace
-computes, then one call), transformers (from_pretrained, device_map=cuda), accelerate (device_map="auto",
-max_memory={0: budget, "cpu": "200GiB"}), diffusers_leaf (transformers load to the CPU, then
+computes, then one call), flashmem_host (the same with host_budget=--host-budget: each call reads what it
+streams from the files through a pinned staging ring of that size), transformers (from_pretrained,
+device_map=cuda), accelerate (device_map="auto", max_memory={0: budget, "cpu": "200GiB"}), diffusers_leaf (transformers load to the CPU, then
 apply_group_offloading leaf level, use_stream=True). Each child times "ready" (loaded) and "first output"
-(first forward synchronised) from just before the load (imports and the CUDA context come before), peak
+(first forward synchronised) from just before the load (imports and the CUDA context come before), a
+second call's seconds (the page cache then holds what the first call read), peak
 max_memory_reserved and VmHWM, and the sha256 of the logits (float32 bytes), compared with the
 transformers row of the same cache state. An `io` child measures the storage read rate cold and warm
 (16 MiB preads on 4 threads) and the pinned host-to-device link (256 MiB, median of 5).
@@ -42,7 +44,7 @@ T_PROCESS = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODES = ["flashmem", "transformers", "accelerate", "diffusers_leaf"]
+MODES = ["flashmem", "flashmem_host", "transformers", "accelerate", "diffusers_leaf"]
 CACHES = ["cold", "warm"]
 CHUNK = 16 << 20
 FORMAT = 1  # bump when the stored folder's contents change
@@ -62,6 +64,7 @@ def parse_args(argv=None):
                    help="weights' dtype (float32 for the CPU, where fp16 matrix products are slow)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flashmem-bench-cold"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--host-budget", default="1GiB", help="flashmem_host's host_budget (CUDA)")
     p.add_argument("--child-timeout", type=float, default=300, help="seconds per mode child")
     args = p.parse_args(argv)
     args.size = "tiny" if args.small else (args.size or "2.7B")
@@ -239,8 +242,9 @@ def child_mode(args) -> dict:
     t0 = time.perf_counter()
     sm = None
     with torch.no_grad():
-        if args.mode == "flashmem":
-            sm = flashmem.from_pretrained(folder, budget=budget, device=args.device, example_inputs=(ids,))
+        if args.mode.startswith("flashmem"):
+            host = {"host_budget": args.host_budget} if args.mode == "flashmem_host" else {}
+            sm = flashmem.from_pretrained(folder, budget=budget, device=args.device, example_inputs=(ids,), **host)
             call = lambda: sm(ids).logits  # noqa: E731
         else:
             if args.mode == "transformers":
@@ -263,8 +267,14 @@ def child_mode(args) -> dict:
         out = call()
         sync()
         row["first_s"] = time.perf_counter() - t0
-    # read before the digest's own float32 copy of the logits takes device memory
-    row["peak_device_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
+        # read before the digest's own float32 copy of the logits takes device memory
+        row["peak_device_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
+        del out
+        t1 = time.perf_counter()
+        out = call()  # a second call: the page cache now holds what the first one read
+        sync()
+        row["second_s"] = time.perf_counter() - t1
+        row["peak_device_bytes"] = max(row["peak_device_bytes"] or 0, torch.cuda.max_memory_reserved()) if cuda else None
     row["digest"] = hashlib.sha256(out.float().cpu().numpy().tobytes()).hexdigest()
     row["peak_rss_bytes"] = C.status_bytes("VmHWM:")
     if sm is not None:
@@ -295,8 +305,8 @@ def main(argv=None) -> int:
     for old in logs.glob("*.log"):
         old.unlink()
     script = str(Path(__file__).resolve())
-    common = ["--device", args.device, "--workdir", str(workdir), "--tokens", str(args.tokens), "--size", args.size,
-              "--dtype", args.dtype] + (["--small"] if args.small else [])
+    common = ["--device", args.device, "--host-budget", args.host_budget, "--workdir", str(workdir),
+              "--tokens", str(args.tokens), "--size", args.size, "--dtype", args.dtype] + (["--small"] if args.small else [])
     out = C.out_dir()
     result = {"script": "bench_cold.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": []}
 
@@ -359,10 +369,12 @@ def main(argv=None) -> int:
           f"{io.get('cold_gbps') and round(io['cold_gbps'], 2)} / warm {io.get('warm_gbps') and round(io['warm_gbps'], 2)} GB/s, "
           f"link {io.get('link_gbps') and round(io['link_gbps'], 1)} GB/s; seconds from just before the load; "
           f"{time.perf_counter() - t_start:.0f} s in all" + (f"; rows in {out / 'bench_cold.json'}" if out else ""))
-    headers = ["mode", "cache", "ready s", "first output s", "x floor", "peak device GB", "peak host RSS GB", "equal", "error"]
+    headers = ["mode", "cache", "ready s", "first output s", "x floor", "second call s", "peak device GB",
+               "peak host RSS GB", "equal", "error"]
     table = [[r["mode"], r["cache"],
               f"{r['ready_s']:.2f}" if "ready_s" in r else None, f"{r['first_s']:.2f}" if "first_s" in r else None,
-              f"{r['x_floor']:.2f}" if "x_floor" in r else None, C.fmt_gb(r.get("peak_device_bytes")),
+              f"{r['x_floor']:.2f}" if "x_floor" in r else None,
+              f"{r['second_s']:.3f}" if "second_s" in r else None, C.fmt_gb(r.get("peak_device_bytes")),
               C.fmt_gb(r.get("peak_rss_bytes")), r.get("equal"),
               (r.get("error") or "")[:80].replace("|", "/") or None] for r in result["rows"]]
     print(C.markdown_table(headers, table))
