@@ -9,6 +9,8 @@ process per way of running them:
 Modes (each in its own child process, `--mode X`; untimed warm-up pass over the sequence, then a timed pass
 with flashmem.queue.MemorySampler on):
   flashmem                  flashmem.queue.run_queue(spec): one Workload under the spec's budget
+  flashmem_host             the same with host_budget=--host-budget (CUDA): every sequence reads the weights
+                            from files (the page cache warm) through a pinned staging ring of that size
   load_each                 per call: model.to(device) from pageable host memory, forward, model.to("cpu"),
                             torch.cuda.empty_cache()
   resident                  every model on the device for good (if it fits): the compute floor
@@ -42,7 +44,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODES = ["resident", "flashmem", "load_each", "accelerate_model_offload"]
+MODES = ["resident", "flashmem", "flashmem_host", "load_each", "accelerate_model_offload"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -54,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="override the spec's device (cpu checks the logic without a GPU)")
     p.add_argument("--child-timeout", type=float, default=580, help="seconds per child process")
     p.add_argument("--mode", choices=MODES, help="(child) run one mode and print its row")
+    p.add_argument("--host-budget", default="2GiB", help="flashmem_host's host_budget")
     args = p.parse_args(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in args.mode_list:
@@ -259,7 +262,14 @@ def child(args) -> None:
         base.update(device=str(dev), budget_bytes=spec.budget_bytes, calls=len(spec.sequence()),
                     versions={"torch": torch.__version__, "gpu": torch.cuda.get_device_name(dev)
                               if dev.type == "cuda" else None})
-        row = child_flashmem(spec, dev) if args.mode == "flashmem" else child_baseline(spec, dev, args.mode)
+        if args.mode == "flashmem_host":
+            from flashmem.units import parse_bytes
+
+            spec = dataclasses.replace(spec, host_budget_bytes=parse_bytes(args.host_budget))
+        if args.mode.startswith("flashmem"):
+            row = child_flashmem(spec, dev)
+        else:
+            row = child_baseline(spec, dev, args.mode)
         row["within_budget"] = row["peak_bytes"] <= spec.budget_bytes
         C.emit(dict(base, **row))
     except BaseException as e:  # noqa: BLE001 - every failure becomes a row
@@ -286,8 +296,9 @@ def main(argv=None) -> int:
     for old in logs.glob("*.log"):
         old.unlink()
     script = str(Path(__file__).resolve())
-    common = ["--spec", args.spec] + (["--device", args.device] if args.device else []) \
-        + (["--rounds", str(args.rounds)] if args.rounds is not None else [])
+    common = (["--spec", args.spec, "--host-budget", args.host_budget]
+              + (["--device", args.device] if args.device else [])
+              + (["--rounds", str(args.rounds)] if args.rounds is not None else []))
     rows = []
     for mode in args.mode_list:
         row = C.run_child(script, ["--mode", mode] + common, logs / f"{mode}.log", args.child_timeout)[0]
@@ -301,11 +312,12 @@ def main(argv=None) -> int:
     ref = by_mode.get("resident", {}).get("digests")
     for r in rows:
         r["equal"] = None if ref is None or "digests" not in r else r["digests"] == ref
-    fm, res = by_mode.get("flashmem", {}), by_mode.get("resident", {})
-    if "total_s" in fm and "total_s" in res and fm.get("link_Bps"):
-        fm["link_s"] = fm["streamed_bytes"] / fm["link_Bps"]
-        fm["floor_s"] = max(res["total_s"], fm["link_s"])
-        fm["x_floor"] = fm["total_s"] / fm["floor_s"]
+    res = by_mode.get("resident", {})
+    for fm in (by_mode.get("flashmem", {}), by_mode.get("flashmem_host", {})):
+        if "total_s" in fm and "total_s" in res and fm.get("link_Bps"):
+            fm["link_s"] = fm["streamed_bytes"] / fm["link_Bps"]
+            fm["floor_s"] = max(res["total_s"], fm["link_s"])
+            fm["x_floor"] = fm["total_s"] / fm["floor_s"]
 
     samples = {r["mode"]: r.pop("samples") for r in rows if "samples" in r}
     out = C.out_dir()

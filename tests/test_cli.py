@@ -122,3 +122,8 @@ def test_queue_spec_errors_are_clear(tmp_path):
         parse_spec({"budget": "1GB", "models": [{"name": "a"}]})
     with pytest.raises(flashmem.FlashmemError, match="lacks"):
         parse_spec({"budget": "1GB", "order": ["b"], "models": [{"name": "a", "transformers": "X"}]})
+    spec = parse_spec({"budget": "1GB", "host_budget": "2GiB", "models": [{"name": "a", "transformers": "X"}]})
+    assert spec.budget_bytes == 10**9 and spec.host_budget_bytes == 2 * 2**30
+    assert parse_spec({"budget": "1GB", "models": [{"name": "a", "transformers": "X"}]}).host_budget_bytes is None
+    with pytest.raises(flashmem.BadBudget):
+        parse_spec({"budget": "1GB", "host_budget": "lots", "models": [{"name": "a", "transformers": "X"}]})
