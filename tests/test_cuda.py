@@ -314,11 +314,12 @@ def test_cuda_host_budget_streams_from_storage_exactly(tmp_path, debug):
     try:
         assert isinstance(sm._store, StagedStore) and sm._store.ring.numel() == host_budget
         assert sm.plan.loads and sm.plan.total_bytes <= budget
-        for _ in range(3):
+        for round_ in range(3):
             for x, ref in zip(xs, refs):
                 with torch.no_grad():
                     assert torch.equal(out_of(sm(x)), ref)
-                assert sm.stats.streamed_bytes > 0
+                if round_:  # (the first call of the new shape traces it: no streamed call, no stats)
+                    assert sm.stats.streamed_bytes > 0
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_reserved() - before <= budget
         grown = rss("VmRSS") - rss_before
