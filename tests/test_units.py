@@ -222,32 +222,50 @@ def test_cuda_call_cap_arithmetic(monkeypatch):
 
 
 def test_staging_ring_reuses_bytes_only_after_the_copies_that_held_them():
-    """Under a host budget, loads pass through a pinned ring first in, first out. Every load lies inside
-    the ring, and for every earlier load whose ring bytes it reuses, it waits for that load's copy or a
-    later one's (copies finish in order on one stream), for many random plans."""
+    """Under a host budget, loads pass through a pinned ring first in, first out (`with_staging`). For many
+    random plans: every load lies inside the ring, and for every earlier load whose ring bytes it reuses,
+    it waits for that load's copy or a later one's (copies finish in order on one stream); the checker
+    accepts the layout, and rejects it once one wait is dropped or one load is moved onto another's bytes."""
+    import dataclasses
     import random
-    from types import SimpleNamespace
 
-    from flashmem.plan import Load
-    from flashmem.run_cuda import stage_in_ring
-    from flashmem.store import HOST_ALIGNMENT
+    from flashmem.check import staging_problems
+    from flashmem.plan import Load, Plan, with_staging
 
+    A = 512
     rng = random.Random(0)
+    rejected = 0
     for _ in range(300):
-        ring = rng.choice([4, 7, 16]) * HOST_ALIGNMENT
+        ring = rng.choice([4, 7, 16]) * A
         sizes = [rng.randint(1, ring) for _ in range(rng.randint(1, 40))]
-        loads = [Load(weight=j, start_step=j // 2, first_use=j, last_use=j, release_op=j, offset_bytes=0,
-                      nbytes=n) for j, n in enumerate(sizes)]
-        order = list(range(len(loads)))
-        ring_at, after = stage_in_ring(SimpleNamespace(loads=loads), order, ring)
-        span = [(ring_at[j], ring_at[j] + align_up(n, HOST_ALIGNMENT)) for j, n in enumerate(sizes)]
-        for j in order:
+        loads = tuple(Load(weight=j, start_step=j // 2, first_use=j, last_use=j, release_op=j, offset_bytes=0,
+                           nbytes=n) for j, n in enumerate(sizes))
+        plan = Plan(device="cuda:0", signature="s", budget_bytes=ring, arena_bytes=ring, resident_bytes=0,
+                    activation_bytes=0, fixed_bytes=0, alignment=A, residents=(), loads=loads,
+                    n_ops=len(loads), status="simple")
+        st = with_staging(plan, ring, A).staging
+        span = [(st.ring_offsets_bytes[j], st.ring_offsets_bytes[j] + align_up(n, A)) for j, n in enumerate(sizes)]
+        for p, j in enumerate(st.order):
             assert 0 <= span[j][0] and span[j][1] <= ring
-            for k in range(j):
+            for k in st.order[:p]:
                 if span[k][0] < span[j][1] and span[j][0] < span[k][1]:
-                    assert any(k2 >= k for k2 in after[j]), (ring, sizes, j, k)
-    with pytest.raises(FlashmemError, match="larger than the staging ring"):
-        stage_in_ring(SimpleNamespace(loads=[Load(0, 0, 0, 0, 0, 0, 5 * HOST_ALIGNMENT)]), [0], 4 * HOST_ALIGNMENT)
+                    assert st.order.index(st.after[j]) >= st.order.index(k), (ring, sizes, j, k)
+        assert list(staging_problems(dataclasses.replace(plan, staging=st))) == []
+        waits = [j for j in range(len(loads)) if st.after[j] >= 0]
+        if waits:
+            j = rng.choice(waits)
+            dropped = dataclasses.replace(st, after=tuple(-1 if i == j else a for i, a in enumerate(st.after)))
+            assert any("before load" in p for p in staging_problems(dataclasses.replace(plan, staging=dropped)))
+            rejected += 1
+    assert rejected > 100
+    import json
+
+    from flashmem.cache import plan_from_dict
+
+    staged = with_staging(plan, ring, A)
+    assert plan_from_dict(json.loads(staged.to_json())) == staged  # the plan's JSON carries the staging
+    with pytest.raises(BudgetTooSmall, match="staging ring"):
+        with_staging(dataclasses.replace(plan, loads=(Load(0, 0, 0, 0, 0, 0, 5 * A),), n_ops=1), 4 * A, A)
 
 
 def test_staged_store_reads_a_weight_larger_than_its_ring_in_pieces(tmp_path):

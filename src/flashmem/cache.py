@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .check import find_problems
 from .costs import CostModel
-from .plan import PLAN_FORMAT, Load, Plan, Resident
+from .plan import PLAN_FORMAT, Load, Plan, Resident, Staging
 from .trace import Program
 
 
@@ -43,6 +43,10 @@ def plan_from_dict(doc: dict) -> Plan:
     fields = {k: v for k, v in doc.items() if k in Plan.__dataclass_fields__}
     fields["residents"] = tuple(Resident(**r) for r in doc["residents"])
     fields["loads"] = tuple(Load(**l) for l in doc["loads"])
+    if doc.get("staging"):
+        st = doc["staging"]
+        fields["staging"] = Staging(st["ring_bytes"], st["alignment"], tuple(st["order"]),
+                                    tuple(st["ring_offsets_bytes"]), tuple(st["after"]))
     return Plan(**fields)
 
 

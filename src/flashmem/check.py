@@ -6,7 +6,9 @@ are rebuilt here from the program's ops. It checks that
   use and kept until the op (and any op nested in it) has finished;
 - no two weights share arena bytes while both are in place (from a load's issue to its release);
 - everything lies inside the arena, aligned, and loads are issued in order (one copy queue);
-- arena, fixed device memory (the math libraries' workspace) and the activation reserve fit in the budget.
+- arena, fixed device memory (the math libraries' workspace) and the activation reserve fit in the budget;
+- with a host staging ring: every load passes through it once, in the order loads start, inside the ring,
+  and is read into it only after the copies of every earlier load that held those ring bytes.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def find_problems(plan, program):
         yield (f"arena {fmt_bytes(plan.arena_bytes)} + workspace {fmt_bytes(plan.fixed_bytes)} + activations "
                f"{fmt_bytes(plan.activation_bytes)} = {fmt_bytes(held)} exceeds the budget "
                f"{fmt_bytes(plan.budget_bytes)}")
+    if getattr(plan, "staging", None) is not None:
+        yield from staging_problems(plan)
     if plan.resident_bytes > plan.arena_bytes:
         yield f"resident region {plan.resident_bytes} B is larger than the arena {plan.arena_bytes} B"
 
@@ -95,3 +99,35 @@ def find_problems(plan, program):
                 break
             if s0 <= t1 and s1 <= t0:
                 yield f"{label0} and {label1} share arena bytes [{b1}, {min(e0, e1)}) while both are held (ops {max(s0, s1)}..{min(t0, t1)})"
+
+
+def staging_problems(plan):
+    """The host staging ring (a host budget), rebuilt from the loads: one read and one copy per load, in
+    the order loads start; ring bytes reused only after the copy of every earlier holder (copies finish
+    in the ring's order, so waiting for a later load's copy covers an earlier one's)."""
+    st = plan.staging
+    n = len(plan.loads)
+    if sorted(st.order) != list(range(n)) or len(st.ring_offsets_bytes) != n or len(st.after) != n:
+        yield f"the staging ring's order does not list each of the {n} loads once"
+        return
+    position = {j: p for p, j in enumerate(st.order)}
+    starts = [plan.loads[j].start_step for j in st.order]
+    if any(a > b for a, b in zip(starts, starts[1:])):
+        yield "the staging ring reads loads out of the order they start in"
+    pad = st.alignment
+    spans = {j: (st.ring_offsets_bytes[j], st.ring_offsets_bytes[j] + -(-plan.loads[j].nbytes // pad) * pad)
+             for j in range(n)}
+    for j, (b, e) in spans.items():
+        if b < 0 or e > st.ring_bytes or b % pad:
+            yield f"load {j} at [{b}, {e}) lies outside the staging ring of {st.ring_bytes} bytes or is misaligned"
+    for p, j in enumerate(st.order):
+        b, e = spans[j]
+        waited = position.get(st.after[j], -1) if st.after[j] >= 0 else -1
+        if waited >= p:
+            yield f"load {j} waits for load {st.after[j]}, which does not come before it in the staging ring"
+        for q in range(p):
+            k = st.order[q]
+            kb, ke = spans[k]
+            if kb < e and b < ke and waited < q:
+                yield f"load {j} is read into ring bytes [{max(b, kb)}, {min(e, ke)}) before load {k}'s copy out of them has finished"
+                break

@@ -11,7 +11,7 @@ allows; the solver-made plans fill the same format.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import BudgetTooSmall
 from .trace import Program
@@ -41,6 +41,20 @@ class Resident:
 
 
 @dataclass(frozen=True)
+class Staging:
+    """The storage link under a host budget (CUDA): each call reads its loads from storage into a pinned
+    ring of `ring_bytes`, in `order` (the order they start), load j at `ring_offsets_bytes[j]` (first in,
+    first out, wrapping at the end; spans rounded up to `alignment`). Load j is read only once the copy of
+    `after[j]` has finished: the latest earlier load in `order` that held any of its ring bytes (-1: none).
+    Copies run in `order` on one stream, so that copy finishing means every earlier one has."""
+    ring_bytes: int
+    alignment: int
+    order: tuple[int, ...]
+    ring_offsets_bytes: tuple[int, ...]
+    after: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     device: str
     signature: str
@@ -57,6 +71,7 @@ class Plan:
     predicted_s: float | None = None  # latency the cost model predicts for one call
     solve_s: float = 0.0  # time the planner took
     note: str = ""  # which planner tier answered, and why
+    staging: Staging | None = None  # with a host budget: how loads pass through the host's staging ring
 
     @property
     def streamed_bytes(self) -> int:
@@ -84,6 +99,31 @@ class Plan:
                 f"{n_streamed} streamed ({fmt_bytes(self.streamed_bytes)} per call) through a "
                 f"{fmt_bytes(self.arena_bytes - self.resident_bytes)} ring; "
                 f"{fmt_bytes(self.activation_bytes)} kept for activations; {len(program.ops)} ops")
+
+
+def with_staging(plan: Plan, ring_bytes: int, alignment: int) -> Plan:
+    """`plan` with the loads' passage through a host staging ring of `ring_bytes` (see `Staging`)."""
+    order = tuple(sorted(range(len(plan.loads)), key=lambda j: (plan.loads[j].start_step, j)))
+    offsets = [0] * len(plan.loads)
+    after = [-1] * len(plan.loads)
+    placed: list[int] = []
+    cursor = 0
+    for j in order:
+        size = align_up(plan.loads[j].nbytes, alignment)
+        if size > ring_bytes:
+            raise BudgetTooSmall(f"load {j} ({fmt_bytes(size)}) does not fit the {fmt_bytes(ring_bytes)} staging "
+                                 f"ring of the host budget; raise host_budget to at least {fmt_bytes(size)}",
+                                 op=f"weight {plan.loads[j].weight}", need_bytes=size, budget_bytes=ring_bytes)
+        if cursor + size > ring_bytes:
+            cursor = 0
+        offsets[j] = cursor
+        for k in reversed(placed):  # copies finish in order: waiting for the latest holder is enough
+            if offsets[k] < cursor + size and cursor < offsets[k] + align_up(plan.loads[k].nbytes, alignment):
+                after[j] = k
+                break
+        placed.append(j)
+        cursor += size
+    return replace(plan, staging=Staging(ring_bytes, alignment, order, tuple(offsets), tuple(after)))
 
 
 def previous_holders(loads, alignment: int) -> list[int | None]:

@@ -18,8 +18,7 @@ import torch
 from .errors import FlashmemError
 from .plan import Plan, previous_holders
 from .run import CallStats, DebugOptions
-from .store import HOST_ALIGNMENT, HostStore, StagedStore
-from .units import align_up, fmt_bytes
+from .store import HostStore, StagedStore
 
 
 def cap_allocator(device: torch.device, limit_bytes: int) -> float:
@@ -247,7 +246,7 @@ class CudaMover:
 
 class StagedCudaMover(CudaMover):
     """CUDA under a host budget (`StagedStore`): each call reads what it streams from storage into a pinned
-    staging ring and copies it onto the device from there.
+    staging ring and copies it onto the device from there, as the plan's `Staging` lays it out.
 
     Loads go through the ring in the order they start (first-in, first-out, wrapping at its end). Reader
     threads read them ahead, each into its slot once the copies of the loads that held those ring bytes
@@ -262,8 +261,10 @@ class StagedCudaMover(CudaMover):
                  timing: bool = True, debug: DebugOptions = DebugOptions()):
         super().__init__(plan, store, arena, device, timing=timing, debug=debug)
         self.store = store
-        self.order = sorted(range(len(plan.loads)), key=lambda j: (plan.loads[j].start_step, j))
-        self.ring_at, self.stage_after = stage_in_ring(plan, self.order, store.ring_bytes)
+        if plan.staging is None or plan.staging.ring_bytes > store.ring_bytes:
+            raise FlashmemError("internal: a host-budget call needs a plan with the staging ring's layout")
+        self.order = plan.staging.order
+        self.ring_at = plan.staging.ring_offsets_bytes
         n = len(plan.loads)
         self.read_done = [threading.Event() for _ in range(n)]
         self.issued = [threading.Event() for _ in range(n)]
@@ -345,7 +346,8 @@ class StagedCudaMover(CudaMover):
                     j = next(self.cursor, None)
                 if j is None:
                     return
-                for k in self.stage_after[j]:  # earlier loads that held these ring bytes
+                k = self.plan.staging.after[j]  # the latest earlier load that held these ring bytes
+                if k >= 0:
                     self._await(self.issued[k])
                     self.done[k].synchronize()
                 self.store.read_stage(self.plan.loads[j].weight, self.ring_at[j])
@@ -389,28 +391,3 @@ class StagedCudaMover(CudaMover):
 
 class _Stopped(Exception):
     """The call was aborted: the staging threads leave."""
-
-
-def stage_in_ring(plan: Plan, order: list[int], ring_bytes: int) -> tuple[list[int], list[tuple[int, ...]]]:
-    """Each load's offset in the staging ring (first in, first out, in `order`, wrapping at the end) and
-    the latest earlier load whose ring bytes it reuses (its copy, and with it every earlier copy on the
-    one copy stream, must finish before the load is read into the ring)."""
-    ring_at = [0] * len(plan.loads)
-    after: list[tuple[int, ...]] = [()] * len(plan.loads)
-    placed: list[int] = []
-    cursor = 0
-    for j in order:
-        size = align_up(plan.loads[j].nbytes, HOST_ALIGNMENT)
-        if size > ring_bytes:
-            raise FlashmemError(f"internal: load {j} ({fmt_bytes(size)}) is larger than the staging ring "
-                                f"({fmt_bytes(ring_bytes)})")
-        if cursor + size > ring_bytes:
-            cursor = 0
-        ring_at[j] = cursor
-        for k in reversed(placed):  # copies finish in order: waiting for the latest holder is enough
-            if ring_at[k] < cursor + size and cursor < ring_at[k] + align_up(plan.loads[k].nbytes, HOST_ALIGNMENT):
-                after[j] = (k,)
-                break
-        placed.append(j)
-        cursor += size
-    return ring_at, after

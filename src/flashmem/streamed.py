@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 
 from .check import check_plan
 from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
-from .plan import Plan, simple_plan
+from .plan import Plan, simple_plan, with_staging
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
 from .run_cuda import CudaMover, StagedCudaMover, warm_math_workspace
@@ -64,6 +64,7 @@ class StreamedModel:
         self._make_store = make_store
         self._originals = originals
         self._fixed_bytes = fixed_bytes
+        self._host_budget_bytes: int | None = None  # CUDA: weights streamed from storage through a ring
         self._alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
         self._placeholders = {w.index: placeholder(w) for w in mw.weights}
         self._plans: OrderedDict[str, tuple[Program, Plan]] = OrderedDict()
@@ -200,6 +201,8 @@ class StreamedModel:
                            alignment=self._alignment,
                            activation_bytes=activation_reserve(program.activation_bytes) if cuda else 0,
                            granularity=CUDA_GRANULARITY if cuda else self._alignment)
+        if self._host_budget_bytes is not None:  # the storage link: loads pass through the host's ring
+            plan = with_staging(plan, self._host_budget_bytes, HOST_ALIGNMENT)
         check_plan(plan, program)
         return plan
 
@@ -459,6 +462,9 @@ class StreamedModel:
         from .costs import profile
         from .solve import SolverSettings, solve_plan
 
+        if self._host_budget_bytes is not None:
+            raise FlashmemError("the solver does not model the storage link yet; a model streamed under a "
+                                "host_budget keeps the simple plan")
         args, kwargs = tree_map(self._to_device, (args, kwargs))
         self(*args, **kwargs)  # plans this input's signature with the simple planner if needed
         program, simple = self._current
@@ -601,6 +607,7 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     _static_check(mw, budget_bytes, fixed_bytes)
     streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device, host_budget_bytes), tensors, device, budget_bytes,
                              fixed_bytes, cpu_reads)
+    streamed._host_budget_bytes = host_budget_bytes
     if debug is not None:
         streamed.debug = debug
     if hooks is not None:  # a Workload's composing and harvesting of programs
