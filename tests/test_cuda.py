@@ -262,19 +262,26 @@ def test_cuda_other_shape_is_planned_again(case):
         settle()
 
 
-def test_cuda_from_pretrained(tmp_path):
-    """A folder read once into pinned host memory, streamed into the GPU below the model's size, exact
-    against the same folder loaded by transformers with every weight on the GPU."""
+def llama_folder_refs(folder, xs) -> tuple[list[torch.Tensor], int]:
+    """The Llama model saved to `folder`, and its outputs for `xs` with transformers' load of that folder
+    wholly on the GPU; returns them with the model's bytes (the GPU is empty again after)."""
     from transformers import LlamaForCausalLM
 
-    save_folder(build("llama"), tmp_path)
-    xs = inputs()
-    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).cuda().eval()
+    save_folder(build("llama"), folder)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float16).cuda().eval()
     with torch.no_grad():
         refs = [out_of(model(x)).clone() for x in xs]
     nbytes = model_bytes(model)
     del model
     settle()
+    return refs, nbytes
+
+
+def test_cuda_from_pretrained(tmp_path):
+    """A folder read once into pinned host memory, streamed into the GPU below the model's size, exact
+    against the same folder loaded by transformers with every weight on the GPU."""
+    xs = inputs()
+    refs, nbytes = llama_folder_refs(tmp_path, xs)
     budget = int(0.45 * nbytes)
     sm = flashmem.from_pretrained(tmp_path, budget, device="cuda", example_inputs=(xs[0],))
     try:
@@ -293,19 +300,11 @@ def test_cuda_host_budget_streams_from_storage_exactly(tmp_path, debug):
     pinned staging ring of that size (which is all the store holds on the host), exact against transformers
     with every weight on the GPU, over several calls and two input shapes, with poisoned releases; the
     device's reserved memory grows by at most the budget, and the host's RSS by far less than the model."""
-    from transformers import LlamaForCausalLM
-
     from flashmem.demo import rss
     from flashmem.store import StagedStore
 
-    save_folder(build("llama"), tmp_path)
     xs = inputs() + inputs(1, seq=SEQ + 8)
-    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).cuda().eval()
-    with torch.no_grad():
-        refs = [out_of(model(x)).clone() for x in xs]
-    nbytes = model_bytes(model)
-    del model
-    settle()
+    refs, nbytes = llama_folder_refs(tmp_path, xs)
     budget, host_budget = int(0.45 * nbytes), 80 * MiB  # the largest weight is 32 MiB
     rss_before = rss("VmRSS")
     before = torch.cuda.memory_reserved()
