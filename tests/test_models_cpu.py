@@ -547,3 +547,19 @@ def test_an_input_of_another_dtype_is_planned_again(streams):
             sm(x64.float())  # ... and so does the streamed one
         assert torch.equal(out_of(sm(x64)), refs[0])
         assert torch.equal(out_of(sm(x32)), refs[1])
+
+
+def test_a_closed_model_says_its_weights_went_with_flashmem():
+    """After StreamedModel.close() the model's parameters are gone with flashmem's store: calling the
+    model raises a FlashmemError that says so (not a meta-device error from deep inside the forward)."""
+    model = make_model("mlp")
+    x = make_input("mlp")
+    sm = flashmem.stream(model, model_bytes(model) * 9 // 10, device="cpu", example_inputs=(x,))
+    assert sm.plan.loads
+    sm(x)
+    sm.close()
+    with pytest.raises(flashmem.FlashmemError, match="was closed"):
+        model(x)
+    sm.close()  # twice is harmless
+    with pytest.raises(flashmem.FlashmemError, match="was closed"):
+        model(x)

@@ -540,10 +540,12 @@ class StreamedModel:
         return self._executor.stats() if self._executor else None
 
     def close(self) -> None:
-        """Remove the hooks and free the arena and the store."""
+        """Remove the hooks and free the arena and the store. The model's weights went to flashmem's store
+        and go with it: a later call of the model raises a FlashmemError that says so."""
         for h in self._hooks:
             h.remove()
-        self._hooks = []
+        # A model whose tensors went to the store (not one given its own tensors back) is left guarded.
+        self._hooks = [self.model.register_forward_pre_hook(_closed)] if self._originals is None else []
         self._close_executors()
         self._arena = None
         if self._files is not None:
@@ -556,12 +558,19 @@ class StreamedModel:
         return f"StreamedModel({type(self.model).__name__}, budget={fmt_bytes(self.budget_bytes)}, device={self.device})"
 
 
+def _closed(module, args):
+    raise FlashmemError(f"this {type(module).__name__} was streamed by flashmem and its StreamedModel was closed: "
+                        f"its weights went with flashmem's store; load the model again (or stream it again from "
+                        f"its folder with flashmem.from_pretrained)")
+
+
 def _static_check(mw: ModelWeights, budget_bytes: int, fixed_bytes: int) -> None:
     need = mw.max_working_bytes + fixed_bytes
     if need > budget_bytes:
         raise BudgetTooSmall(
             f"op {mw.max_working_module!r} needs {fmt_bytes(mw.max_working_bytes)} of weights in place at once"
-            f" (plus {fmt_bytes(fixed_bytes)} of the math libraries' workspace), but the budget is {fmt_bytes(budget_bytes)}; "
+            + (f" (plus {fmt_bytes(fixed_bytes)} of the math libraries' workspace)" if fixed_bytes else "")
+            + f", but the budget is {fmt_bytes(budget_bytes)}; "
             f"raise the budget to at least {fmt_bytes(need)} plus room for activations",
             op=mw.max_working_module, need_bytes=need, budget_bytes=budget_bytes)
 

@@ -254,3 +254,7 @@ class Workload:
 
     def close(self) -> None:
         self.streamed.close()
+        from .streamed import _closed
+
+        for m in self.queue.members.values():  # their weights went with the store, as the queue's did
+            m.register_forward_pre_hook(_closed)
