@@ -59,6 +59,7 @@ def test_run_gpt2_folder(gpt2_folder, capsys):
     (["run", "{folder}", "--budget", "1KiB", "--tokens", "8"], ["BudgetTooSmall", "raise the budget to at least"]),
     (["plan", "{folder}", "--budget", "1KiB"], ["BudgetTooSmall", "model.embed_tokens"]),
     (["plan", "{missing}", "--budget", "1MiB"], ["BadModelFolder"]),
+    (["run", "{folder}", "--budget", "1MiB", "--host-budget", "1MiB"], ["FlashmemError", "host_budget applies to CUDA"]),
 ])
 def test_failures_exit_two_with_the_error(argv, words, llama_folder, tmp_path, capsys):
     argv = [a.format(folder=llama_folder, missing=tmp_path / "nothing-here") for a in argv]

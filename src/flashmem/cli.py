@@ -36,7 +36,7 @@ def cmd_run(args) -> int:
     tok, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
     t0 = time.perf_counter()
     sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,),
-                         planner=args.planner, cache_dir=args.cache_dir)
+                         planner=args.planner, cache_dir=args.cache_dir, host_budget=args.host_budget)
     console.print(f"[bold]{sm.plan.summary(sm.program)}[/] (traced and planned in {time.perf_counter() - t0:.2f} s)")
     with torch.no_grad():
         if tok is not None and args.new_tokens > 0:
@@ -59,7 +59,7 @@ def cmd_plan(args) -> int:
 
     _, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
     sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,),
-                         planner=args.planner, cache_dir=args.cache_dir)
+                         planner=args.planner, cache_dir=args.cache_dir, host_budget=args.host_budget)
     if args.out and args.out.endswith(".png"):
         import torch
 
@@ -128,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("folder", help="model folder: config.json plus *.safetensors")
         sp.add_argument("--budget", required=True, help="device memory budget, e.g. 512MiB, 1.5GiB, 2GB")
         sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        sp.add_argument("--host-budget", help="cuda: host memory for the weights, a staging ring they stream through "
+                                              "from the folder's files on every call (default: all in pinned memory)")
         sp.add_argument("--prompt", help="text to feed (needs the folder's tokenizer)")
         sp.add_argument("--tokens", type=int, default=8, help="without --prompt: trace with this many token ids")
         sp.add_argument("--planner", choices=("simple", "solver"), default="simple",
