@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .errors import FlashmemError
 from .files import pread_into
 from .plan import previous_holders
 
@@ -164,9 +165,17 @@ def slowdowns_by_class(op_classes: list[str], quiet_s: list[float], busy_s: list
     return {cls: max(1.0, statistics.median(r)) for cls, r in ratios.items()}
 
 
+def _refuse_host_budget(sm) -> None:
+    if getattr(sm, "_host_budget_bytes", None) is not None:
+        raise FlashmemError("profiling a model streamed under a host_budget is not supported yet: its loads "
+                            "come from storage on threads the profile does not time; profile it without "
+                            "host_budget")
+
+
 def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     """Measure `sm`'s per-step compute for this input, alone and beside a transfer, and the link.
     Loads move between ops during profiling (never beside compute), so step times are compute only."""
+    _refuse_host_budget(sm)
     sm(*args, **kwargs)  # plans for this input signature if needed
     executor = sm._executor
     executor.profiling, executor.mover.serial = True, True
@@ -192,6 +201,7 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
 
 def measure_timeline(sm, args: tuple, kwargs: dict) -> "Timeline":
     """Run one call of `sm` with every op and load timed, as it normally runs (loads beside compute)."""
+    _refuse_host_budget(sm)
     executor = sm._executor
     executor.profiling = True
     executor.mover.record_loads = True
