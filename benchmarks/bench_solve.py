@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Solve time of the CP-SAT planner on a GPT-Neo-2.7B-shaped program, on this machine's CPU.
 
-The model folder is bench_cold.py's (fp16, random weights, written once into --workdir/model by
-`bench_cold.py --mode prepare`); flashmem.from_pretrained traces it on the CPU with --tokens token ids, and
+The model folder is the benchmarks' GPT-Neo (fp16, random weights, written once into --workdir/model by
+`_common.prepare_model_folder`); flashmem.from_pretrained traces it on the CPU with --tokens token ids, and
 `StreamedModel.use_solver` profiles each step and plans with CP-SAT (flashmem.solve.SolverSettings: a
 rolling window, a time limit for the whole program, --workers threads). Per budget: ops, loads, the solver's
 status and tier note, solve seconds, the predicted latency of the solver's plan against the simple plan's,
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,9 +33,6 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flashmem-bench-solve"))
     args = p.parse_args(argv)
-    subprocess.run([sys.executable, str(HERE / "bench_cold.py"), "--mode", "prepare", "--device", "cpu",
-                    "--size", args.size, "--workdir", args.workdir], check=True)
-
     import torch
 
     import flashmem
@@ -44,7 +41,7 @@ def main(argv=None) -> int:
     from flashmem.units import fmt_bytes, parse_bytes
 
     folder = Path(args.workdir) / "model"
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = C.prepare_model_folder(folder, args.size, "float16", "cpu")
     ids = torch.randint(0, meta["config"]["vocab_size"], (1, args.tokens), generator=torch.Generator().manual_seed(0))
     rows = []
     for text in args.budgets.split(","):

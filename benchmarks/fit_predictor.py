@@ -29,11 +29,15 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 import flashmem
 from flashmem.predict import OpTimePredictor, op_features, profile_op_seconds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 TOKENS = 128
 CALLS = 5  # profiled calls per model (--calls): each op's time is the median
@@ -103,18 +107,9 @@ MODELS = ("gpt2", "llama", "gpt-neo", "bert", "vit", "t5", "whisper", "resnet") 
 WIDER = ("gpt2-768x256", "llama-1024x32")  # held out from all of MODELS: other widths and token counts
 
 
-def model_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
 def profile_model(name: str, calls: int = CALLS) -> dict:
     model, args, kwargs = build(name)
-    budget = int(model_bytes(model) * 1.1) + 2**24  # all resident (mapped pages round up)
+    budget = int(C.tensor_bytes_where(model, lambda t: True) * 1.1) + 2**24  # all resident (mapped pages round up)
     with torch.no_grad():
         sm = flashmem.stream(model, budget, device="cpu", example_inputs=args, example_kwargs=kwargs)
     try:

@@ -263,8 +263,7 @@ class StagedCudaMover(CudaMover):
         self.store = store
         if plan.staging is None or plan.staging.ring_bytes > store.ring_bytes:
             raise FlashmemError("internal: a host-budget call needs a plan with the staging ring's layout")
-        self.order = plan.staging.order
-        self.ring_at = plan.staging.ring_offsets_bytes
+        self.staging = plan.staging
         n = len(plan.loads)
         self.read_done = [threading.Event() for _ in range(n)]
         self.issued = [threading.Event() for _ in range(n)]
@@ -284,7 +283,7 @@ class StagedCudaMover(CudaMover):
             for ev in flags:
                 ev.clear()
         self.io_error, self.stop = None, False
-        self.cursor = iter(self.order)
+        self.cursor = iter(self.staging.order)
         self.claim = threading.Lock()
         self.threads = [threading.Thread(target=self._reader, name=f"flashmem-stage-{k}", daemon=True)
                         for k in range(self.READERS)]
@@ -346,11 +345,11 @@ class StagedCudaMover(CudaMover):
                     j = next(self.cursor, None)
                 if j is None:
                     return
-                k = self.plan.staging.after[j]  # the latest earlier load that held these ring bytes
+                k = self.staging.after[j]  # the latest earlier load that held these ring bytes
                 if k >= 0:
                     self._await(self.issued[k])
                     self.done[k].synchronize()
-                self.store.read_stage(self.plan.loads[j].weight, self.ring_at[j])
+                self.store.read_stage(self.plan.loads[j].weight, self.staging.ring_offsets_bytes[j])
                 self.read_done[j].set()
         except _Stopped:
             return
@@ -360,14 +359,14 @@ class StagedCudaMover(CudaMover):
     def _issuer(self) -> None:
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
-                for j in self.order:
+                for j in self.staging.order:
                     load = self.plan.loads[j]
                     self._await(self.read_done[j])
                     k = self.wait_free[j]
                     if k is not None:
                         self._await(self.released[k])
                         self.copy_stream.wait_event(self.freed[k])
-                    a = self.ring_at[j]
+                    a = self.staging.ring_offsets_bytes[j]
                     if self.slow_cycles:  # debug: copies held back, to shake out missing waits
                         torch.cuda._sleep(self.slow_cycles)
                     self.arena[load.offset_bytes:load.offset_bytes + load.nbytes].copy_(

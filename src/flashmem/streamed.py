@@ -421,13 +421,16 @@ class StreamedModel:
         if not self._active or self._active_thread != threading.get_ident():
             return None  # not our call: e.g. the end of a call refused because another thread runs one
         self._active = False
-        failed = result is None and sys.exc_info()[1] is not None
+        self._finish_call(failed=result is None and sys.exc_info()[1] is not None)
+        return None
+
+    def _finish_call(self, failed: bool) -> None:
+        """The end of the active call (already marked inactive): its trace, or its executor's run."""
         if self._tracer is not None:
             self._finish_trace(failed)
         else:
             self._end_on_demand()
             self._executor.end(failed)
-        return None
 
     def _op_enter(self, module, args):
         if not self._active:
@@ -488,8 +491,12 @@ class StreamedModel:
         return plan
 
     def __call__(self, *args, **kwargs):
+        return self._guarded(self.model, args, kwargs)
+
+    def _guarded(self, fn, args: tuple, kwargs: dict):
+        """Call `fn`, ending at once a call of the model that a KeyboardInterrupt cuts off."""
         try:
-            return self.model(*args, **kwargs)
+            return fn(*args, **kwargs)
         except BaseException:
             self._end_cut_off_call()
             raise
@@ -501,15 +508,7 @@ class StreamedModel:
         attr = getattr(self.model, name)
         if not inspect.ismethod(attr):
             return attr
-
-        @functools.wraps(attr)
-        def guarded(*args, **kwargs):
-            try:
-                return attr(*args, **kwargs)
-            except BaseException:
-                self._end_cut_off_call()
-                raise
-        return guarded
+        return functools.wraps(attr)(lambda *args, **kwargs: self._guarded(attr, args, kwargs))
 
     def _end_cut_off_call(self) -> None:
         """End a call that a KeyboardInterrupt (or another BaseException that is not an Exception) cut off:
@@ -519,11 +518,7 @@ class StreamedModel:
             if not (self._active and self._active_thread == threading.get_ident()):
                 return
             self._active = False
-        if self._tracer is not None:
-            self._finish_trace(failed=True)
-        else:
-            self._end_on_demand()
-            self._executor.end(failed=True)
+        self._finish_call(failed=True)
 
     @property
     def plan(self) -> Plan:
