@@ -531,3 +531,15 @@ def test_real_model_plan_is_checked_and_serialisable(streams):
         bad = dataclasses.replace(sm.plan, loads=sm.plan.loads[1:])
         with pytest.raises(PlanInvalid):
             check_plan(bad, sm.program)
+
+
+def test_a_smaller_ring_places_what_the_whole_arena_did_not():
+    """Ring placement is not monotone in the ring's size. In this program (ops nested several deep), the
+    whole 648-byte arena finds no placement while a 448-byte ring does: the simple planner must stream
+    through that ring rather than refuse a budget that it names as large enough itself."""
+    sizes = [129, 1, 1, 1, 1, 129, 1, 65, 1, 193]
+    ends = [3, 3, 2, 3, 9, 7, 6, 7, 9, 9]
+    prog = program(sizes, [(f"m{i}", (i,), e) for i, e in enumerate(ends)])
+    plan = plan_for(prog, 648, granularity=1)
+    assert_valid(plan, prog)
+    assert plan.loads and plan.total_bytes <= 648

@@ -316,8 +316,15 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
         if loads is not None:
             break
         if not order:
+            # Placement is not monotone in the ring's size: the smallest ring that places every run may
+            # succeed where the whole arena did not.
+            smallest = _smallest_ring(program, runs, need, alignment)
+            loads = place_ring(program, runs, 0, smallest, alignment) if smallest <= avail else None
+            if loads is not None:
+                ring_bytes = smallest
+                break
             op = program.ops[need_step]
-            total_need = align_up(_smallest_ring(program, runs, need, alignment), granularity) + fixed
+            total_need = align_up(smallest, granularity) + fixed
             raise BudgetTooSmall(
                 f"the weights of op {op.index} ({op.module!r}) and its neighbours cannot be placed in "
                 f"{fmt_bytes(avail)} of arena ({fmt_bytes(budget_bytes)} budget less "
