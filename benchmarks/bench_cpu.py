@@ -10,6 +10,8 @@ One child process per (mode, tokens); the parent collects one JSON row from each
   flashmem        flashmem.from_pretrained(folder, budget, device="cpu"): weights stay in the file, which
                   is mapped; each call faults the streamed pages in ahead of compute and drops them after
   flashmem_copy   the same with cpu_reads="copy": the streamed weights are pread into a RAM arena
+  flashmem_split  flashmem with split_bytes (--split-bytes): linear layers above it stream in blocks and
+                  embedding tables above it are read by rows, so budgets below the LM head's size run
   accelerate_disk accelerate.disk_offload(model, offload_dir, execution_device="cpu"): every weight offloaded
                   to accelerate's own on-disk copy (numpy memmaps) and loaded per module during each call
 Extra children: `prepare` writes the model folder once (config.json + model.safetensors, under /tmp so the
@@ -38,8 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODES = ["resident", "flashmem", "flashmem_copy", "accelerate_disk"]
-BUDGETED = {"flashmem", "flashmem_copy"}
+MODES = ["resident", "flashmem", "flashmem_copy", "flashmem_split", "accelerate_disk"]
+BUDGETED = {"flashmem", "flashmem_copy", "flashmem_split"}
 
 
 def parse_args(argv=None):
@@ -59,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=900, help="seconds; runs not started by then are skipped")
     p.add_argument("--child-timeout", type=float, default=300, help="seconds per child process")
     p.add_argument("--fresh", action="store_true", help="rebuild the stored model even if it is there")
+    p.add_argument("--split-bytes", default="8MiB", help="flashmem_split: flashmem.from_pretrained(split_bytes=...)")
     args = p.parse_args(argv)
     args.size = "tiny" if args.small else "125M"
     args.tokens_list = [int(t) for t in (args.tokens_list or ("48,1" if args.small else "128,1")).split(",")]
@@ -95,14 +98,17 @@ def child_measure(args) -> dict:
 
     t_start = time.perf_counter()
     with torch.no_grad():
-        if args.mode in ("flashmem", "flashmem_copy"):
+        if args.mode in ("flashmem", "flashmem_copy", "flashmem_split"):
             import flashmem
 
             load_s = 0.0  # nothing is loaded ahead: from_pretrained reads the file during set-up and calls
+            split = {"split_bytes": args.split_bytes} if args.mode == "flashmem_split" else {}
             sm = flashmem.from_pretrained(folder, args.budget, device="cpu", example_inputs=(ids,),
                                           example_kwargs={"use_cache": False},
-                                          cpu_reads="copy" if args.mode == "flashmem_copy" else "auto")
+                                          cpu_reads="copy" if args.mode == "flashmem_copy" else "auto", **split)
             row["cpu_reads"] = sm.cpu_reads
+            if sm.split is not None:
+                row["split"] = sm.split.describe()
             call = lambda: sm(ids, use_cache=False).logits  # noqa: E731
             row["plan"] = sm.plan.summary(sm.program)
             row["plan_arena_bytes"] = sm.plan.arena_bytes
@@ -215,7 +221,8 @@ def main(argv=None) -> int:
     if args.fresh and (workdir / "model").exists():
         shutil.rmtree(workdir / "model")
     script = str(Path(__file__).resolve())
-    common = ["--workdir", str(workdir), "--iters", str(args.iters), "--warmup", str(args.warmup)] + \
+    common = ["--workdir", str(workdir), "--iters", str(args.iters), "--warmup", str(args.warmup),
+              "--split-bytes", args.split_bytes] + \
              (["--small"] if args.small else []) + (["--threads", str(args.threads)] if args.threads else [])
     out = C.out_dir()
     result = {"script": "bench_cpu.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": [],

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .errors import BadModelFolder
-from .files import convert_pickles, index_folder, pickle_checkpoints
+from .files import TensorLocation, convert_pickles, index_folder, pickle_checkpoints
+from .split import Split, row_embeddings, sub_location
 from .store import FileStore, HostStore, StagedStore
 from .streamed import StreamedModel, build, default_cache_dir
 from .trace import ModelWeights
@@ -58,7 +59,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                     example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, planner: str = "simple",
                     cache_dir: str | Path | None = None, allow_pickle: bool = False,
-                    debug=None, cpu_reads: str = "auto", host_budget=None) -> StreamedModel:
+                    debug=None, cpu_reads: str = "auto", host_budget=None, split_bytes=None) -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
@@ -68,6 +69,8 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
     `cpu_reads` is as for `flashmem.stream`. `host_budget` (CUDA): the weights stay in the folder's files
     and each call reads what it streams through a pinned staging ring of this size, so a model larger than
     the machine's RAM runs; without it, the weights are read once into pinned host memory.
+    `split_bytes` is as for `flashmem.stream`; a split layer's blocks are read from the original's rows in
+    the files, and a table read by rows is mapped from its file (only the rows a call names are paged in).
     """
     path = Path(path)
     if allow_pickle and not list(path.glob("*.safetensors")) and pickle_checkpoints(path):
@@ -81,12 +84,22 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
             raise BadModelFolder("pass example_inputs: flashmem traces the model with one real input")
         example_inputs = (torch.arange(8).remainder(vocab).unsqueeze(0),)
 
+    split: list[Split] = []
+
+    def on_split(done: Split) -> None:
+        split.append(done)
+        for name, emb in row_embeddings(model):
+            emb.use_file(_locate(done.tables[name], locations, name + ".weight"))
+
     def source(mw: ModelWeights, tensors, device, host_budget_bytes=None):
         # Each weight comes from the files; a buffer the files lack (non-persistent) from the model itself.
         found = []
         for w, t in zip(mw.weights, tensors):
             names = [f"{m}.{a}" if m else a for m, a in w.slots]
             loc = next((locations[n] for n in names if n in locations), None)
+            rows = next((split[0].slices[n] for n in names if split and n in split[0].slices), None)
+            if loc is None and rows is not None:  # a block of a split layer: rows of the original's bytes
+                loc = sub_location(_locate(rows.originals, locations, w.name), rows)
             if loc is None:
                 if w.is_buffer and t.device.type != "meta":
                     found.append(t)
@@ -116,4 +129,12 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
                  cache_dir=cache_dir, eager_store=True, debug=debug, cpu_reads=cpu_reads,
-                 host_budget=host_budget)
+                 host_budget=host_budget, split_bytes=split_bytes, on_split=on_split)
+
+
+def _locate(names: tuple[str, ...], locations: dict[str, TensorLocation], what: str) -> TensorLocation:
+    loc = next((locations[n] for n in names if n in locations), None)
+    if loc is None:
+        raise BadModelFolder(f"weight {what!r} (from {', '.join(names)}) is in none of the folder's safetensors "
+                             f"files; the folder is incomplete or for another model")
+    return loc

@@ -28,6 +28,7 @@ from .plan import Plan, simple_plan, with_staging
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
 from .run_cuda import CudaMover, StagedCudaMover, warm_math_workspace
+from .split import Split, row_embeddings, split_model
 from .store import HOST_ALIGNMENT, FileStore, HostStore, MappedFiles, StagedStore, as_bytes
 from .trace import (MappedLoader, ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature,
                     module_names, placeholder, set_slots, typed_view)
@@ -83,6 +84,7 @@ class StreamedModel:
         self._state_lock = threading.Lock()
         self._hooks: list = []
         self.costs = None  # the cost model of the last use_solver()
+        self.split: Split | None = None  # what split_bytes split (split.py), or None
         self.debug = DebugOptions()
         self.cpu_reads = cpu_reads  # as asked; "auto" is settled by the first plan
         # For a Workload: compose(args, kwargs, signature) may return the program of a call without a trace;
@@ -580,11 +582,13 @@ def default_cache_dir() -> Path:
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
           planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False,
           debug: DebugOptions | None = None, cpu_reads: str = "auto", hooks=None,
-          host_budget=None) -> StreamedModel:
+          host_budget=None, split_bytes=None, on_split=None) -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device, host_budget_bytes)` makes the
     weight store (a `StagedStore` where `host_budget_bytes` is not None), once
     the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
-    built on the meta device has no tensors to read)."""
+    built on the meta device has no tensors to read). With `split_bytes`, the model's large linear layers
+    and embedding tables are split first (`split.py`); `on_split(split)` then gives the embedding tables
+    their bytes (a model on the meta device), else they are taken from the model's own tensors."""
     device = check_device(device)
     budget_bytes = parse_bytes(budget)
     if planner not in PLANNERS:
@@ -599,6 +603,13 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
         raise FlashmemError(f"planner {planner!r} does not model the storage link yet; with host_budget use "
                             f"planner='simple'")
     model.eval()
+    split = None
+    if split_bytes is not None:
+        split = split_model(model, parse_bytes(split_bytes))
+        if on_split is not None:
+            on_split(split)
+        else:
+            _host_tables(model, spill=device.type == "cpu" or host_budget_bytes is not None)
     alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
     mw, tensors = collect_weights(model, alignment)
     if not mw.weights:
@@ -608,10 +619,15 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     # Buffers stream like parameters; what stays on the device beside the arena is the math libraries'
     # workspace, made here (before the trace measures activations) where it does not exist yet.
     fixed_bytes = warm_math_workspace(device) if device.type == "cuda" else 0
-    _static_check(mw, budget_bytes, fixed_bytes)
+    try:
+        _static_check(mw, budget_bytes, fixed_bytes)
+    except BudgetTooSmall as err:
+        _suggest_split(err, model, split)
+        raise
     streamed = StreamedModel(model, mw, lambda: source(mw, tensors, device, host_budget_bytes), tensors, device, budget_bytes,
                              fixed_bytes, cpu_reads)
     streamed._host_budget_bytes = host_budget_bytes
+    streamed.split = split
     if debug is not None:
         streamed.debug = debug
     if hooks is not None:  # a Workload's composing and harvesting of programs
@@ -628,6 +644,8 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     try:
         streamed(*args, **kwargs)  # the first call traces and plans
     except BaseException as err:
+        if isinstance(err, BudgetTooSmall):
+            _suggest_split(err, model, split)
         originals = streamed._originals
         streamed.close()
         if originals is not None:  # no store was made: give the model its own tensors back
@@ -653,6 +671,34 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     if planner == "solver" and streamed.plan.loads:
         streamed.use_solver(args, kwargs, cache_dir=cache_dir or default_cache_dir())
     return streamed
+
+
+def _host_tables(model: nn.Module, spill: bool) -> None:
+    """The tables of a split model's RowEmbeddings, from its own tensors: in host RAM, or (`spill`: a CPU
+    budget, or a host budget) in a private file, mapped, so RAM holds only the rows a call reads."""
+    for _, emb in row_embeddings(model):
+        if emb.weight.device.type == "meta":
+            raise FlashmemError("the model's embedding tables are on the meta device; load its weights first, "
+                                "or stream its folder with flashmem.from_pretrained")
+        emb.weight = emb.weight.detach().to("cpu")
+        if spill:
+            emb.spill()
+
+
+def _suggest_split(err: BudgetTooSmall, model: nn.Module, split: Split | None) -> None:
+    """Add to a BudgetTooSmall for one large linear layer or embedding table the other fix: splitting it."""
+    if split is not None or not hasattr(err, "add_note") or not getattr(err, "op", None):
+        return
+    try:
+        module = model.get_submodule(err.op)
+    except AttributeError:
+        return
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        size = fmt_bytes(module.weight.numel() * module.weight.element_size())
+        err.add_note(f"flashmem: {err.op!r} is a {type(module).__name__} of {size}; split_bytes='64MiB' (or "
+                     f"smaller) splits such layers into blocks that stream one by one and reads embedding "
+                     f"tables by rows on the host, so a smaller budget runs (split linear layers may differ "
+                     f"from the whole model in the last bits; row reads are exact)")
 
 
 def _host_budget_check(mw: ModelWeights, host_budget_bytes: int) -> None:
@@ -681,7 +727,7 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
            example_kwargs: dict | None = None, planner: str = "simple",
            cache_dir: str | Path | None = None, debug: DebugOptions | None = None,
-           cpu_reads: str = "auto", host_budget=None) -> StreamedModel:
+           cpu_reads: str = "auto", host_budget=None, split_bytes=None) -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
@@ -696,8 +742,12 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     host_budget: CUDA only, same units as `budget`: the weights go to a file, and each call reads what it
     streams from storage through a pinned staging ring of this size, which is all the host then holds of
     them (without it, every weight waits in pinned host memory).
+    split_bytes: same units; linear layers larger than this become blocks of output features that stream
+    one by one, and embedding tables larger than this stay on the host, read by rows (see `flashmem.split`),
+    so that a budget smaller than one such layer runs. Row reads are exact; split linear layers may differ
+    from the whole layer in the last bits (their blocks' matrix products may use other kernels).
 
-    Outputs are bit-identical to the model run with all weights resident on the same device. The model's
+    Outputs are bit-identical (unless split_bytes splits a linear layer) to the model run with all weights resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
 
     >>> sm = flashmem.stream(model, "1GiB", device="cuda", example_inputs=(input_ids,))
@@ -706,4 +756,5 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     True
     """
     return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
-                 planner=planner, cache_dir=cache_dir, debug=debug, cpu_reads=cpu_reads, host_budget=host_budget)
+                 planner=planner, cache_dir=cache_dir, debug=debug, cpu_reads=cpu_reads, host_budget=host_budget,
+                 split_bytes=split_bytes)
