@@ -7,7 +7,8 @@ Cache states: "cold" = the folder's files evicted from the page cache before the
 (`sync; echo 1 > /proc/sys/vm/drop_caches` where allowed, and posix_fadvise(DONTNEED) per file; the pages
 still resident, checked with mincore, are recorded); "warm" = the files read once right before.
 Modes: flashmem (flashmem.from_pretrained: weights read into pinned memory on 4 threads while the trace
-computes, then one call), flashmem_host (the same with host_budget=--host-budget: each call reads what it
+computes, then one call), flashmem_lazy (the same with lazy_trace=True: the first call is the trace, so the
+first output costs one forward), flashmem_host (the same with host_budget=--host-budget: each call reads what it
 streams from the files through a pinned staging ring of that size), transformers (from_pretrained,
 device_map=cuda), accelerate (device_map="auto", max_memory={0: budget, "cpu": "200GiB"}), diffusers_leaf (transformers load to the CPU, then
 apply_group_offloading leaf level, use_stream=True). Each child times "ready" (loaded) and "first output"
@@ -44,7 +45,7 @@ T_PROCESS = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODES = ["flashmem", "flashmem_host", "transformers", "accelerate", "diffusers_leaf"]
+MODES = ["flashmem", "flashmem_lazy", "flashmem_host", "transformers", "accelerate", "diffusers_leaf"]
 CACHES = ["cold", "warm"]
 CHUNK = 16 << 20
 FORMAT = 1  # bump when the stored folder's contents change
@@ -244,7 +245,10 @@ def child_mode(args) -> dict:
     with torch.no_grad():
         if args.mode.startswith("flashmem"):
             host = {"host_budget": args.host_budget} if args.mode == "flashmem_host" else {}
-            sm = flashmem.from_pretrained(folder, budget=budget, device=args.device, example_inputs=(ids,), **host)
+            if args.mode == "flashmem_lazy":  # the first call is the trace: one forward to the first output
+                sm = flashmem.from_pretrained(folder, budget=budget, device=args.device, lazy_trace=True)
+            else:
+                sm = flashmem.from_pretrained(folder, budget=budget, device=args.device, example_inputs=(ids,), **host)
             call = lambda: sm(ids).logits  # noqa: E731
         else:
             if args.mode == "transformers":

@@ -59,7 +59,8 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                     example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, planner: str = "simple",
                     cache_dir: str | Path | None = None, allow_pickle: bool = False,
-                    debug=None, cpu_reads: str = "auto", host_budget=None, split_bytes=None) -> StreamedModel:
+                    debug=None, cpu_reads: str = "auto", host_budget=None, split_bytes=None,
+                    lazy_trace: bool = False) -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
@@ -70,7 +71,9 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
     and each call reads what it streams through a pinned staging ring of this size, so a model larger than
     the machine's RAM runs; without it, the weights are read once into pinned host memory.
     `split_bytes` is as for `flashmem.stream`; a split layer's blocks are read from the original's rows in
-    the files, and a table read by rows is mapped from its file (only the rows a call names are paged in).
+    the files, and a table read by rows is read from its file (only the rows a call names).
+    `lazy_trace=True` returns at once (weights still being read in the background on CUDA) and traces at
+    the first call, whose output is the trace's: from storage to a first output takes one forward.
     """
     path = Path(path)
     if allow_pickle and not list(path.glob("*.safetensors")) and pickle_checkpoints(path):
@@ -78,7 +81,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
     locations = index_folder(path)
     dtype = dtype or _file_dtype(locations)
     model = build_on_meta(path, dtype, trust_remote_code)
-    if example_inputs is None and example_kwargs is None:
+    if example_inputs is None and example_kwargs is None and not lazy_trace:
         vocab = getattr(model.config, "vocab_size", None)
         if vocab is None:
             raise BadModelFolder("pass example_inputs: flashmem traces the model with one real input")
@@ -129,7 +132,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
                  cache_dir=cache_dir, eager_store=True, debug=debug, cpu_reads=cpu_reads,
-                 host_budget=host_budget, split_bytes=split_bytes, on_split=on_split)
+                 host_budget=host_budget, split_bytes=split_bytes, on_split=on_split, lazy_trace=lazy_trace)
 
 
 def _locate(names: tuple[str, ...], locations: dict[str, TensorLocation], what: str) -> TensorLocation:

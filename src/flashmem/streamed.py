@@ -582,13 +582,14 @@ def default_cache_dir() -> Path:
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
           planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False,
           debug: DebugOptions | None = None, cpu_reads: str = "auto", hooks=None,
-          host_budget=None, split_bytes=None, on_split=None) -> StreamedModel:
+          host_budget=None, split_bytes=None, on_split=None, lazy_trace: bool = False) -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device, host_budget_bytes)` makes the
     weight store (a `StagedStore` where `host_budget_bytes` is not None), once
     the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
     built on the meta device has no tensors to read). With `split_bytes`, the model's large linear layers
     and embedding tables are split first (`split.py`); `on_split(split)` then gives the embedding tables
-    their bytes (a model on the meta device), else they are taken from the model's own tensors."""
+    their bytes (a model on the meta device), else they are taken from the model's own tensors. With
+    `lazy_trace` nothing is called here: the first call traces (its output is the trace's)."""
     device = check_device(device)
     budget_bytes = parse_bytes(budget)
     if planner not in PLANNERS:
@@ -596,6 +597,9 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     if cpu_reads not in CPU_READS:
         raise FlashmemError(f"cpu_reads {cpu_reads!r} is not one of {', '.join(CPU_READS)}")
     host_budget_bytes = None if host_budget is None else parse_bytes(host_budget)
+    if lazy_trace and planner != "simple":
+        raise FlashmemError(f"planner {planner!r} profiles the example input before returning; with "
+                            f"lazy_trace=True use planner='simple' (or pass example_inputs and leave lazy_trace off)")
     if host_budget_bytes is not None and device.type != "cuda":
         raise FlashmemError("host_budget applies to CUDA, where weights wait in host memory; on the CPU, RAM is "
                             "the device and `budget` bounds it: leave host_budget out")
@@ -637,6 +641,9 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
                                                                        None, None)
     args = tuple(example_inputs) if example_inputs is not None else ()
     kwargs = dict(example_kwargs or {})
+    if lazy_trace:  # the first call traces and plans, and its output is the trace's
+        streamed._install_hooks()
+        return streamed
     if not args and not kwargs:
         raise FlashmemError("example_inputs (or example_kwargs) are needed to trace the model; pass an input "
                             "like the ones you will call it with, e.g. example_inputs=(input_ids,)")
@@ -695,7 +702,8 @@ def _suggest_split(err: BudgetTooSmall, model: nn.Module, split: Split | None) -
         return
     if isinstance(module, (nn.Linear, nn.Embedding)):
         size = fmt_bytes(module.weight.numel() * module.weight.element_size())
-        err.add_note(f"flashmem: {err.op!r} is a {type(module).__name__} of {size}; split_bytes='64MiB' (or "
+        kind = type(module).__name__
+        err.add_note(f"flashmem: {err.op!r} is {'an' if kind[0] in 'AEIOU' else 'a'} {kind} of {size}; split_bytes='64MiB' (or "
                      f"smaller) splits such layers into blocks that stream one by one and reads embedding "
                      f"tables by rows on the host, so a smaller budget runs (split linear layers may differ "
                      f"from the whole model in the last bits; row reads are exact)")
@@ -727,7 +735,7 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
            example_kwargs: dict | None = None, planner: str = "simple",
            cache_dir: str | Path | None = None, debug: DebugOptions | None = None,
-           cpu_reads: str = "auto", host_budget=None, split_bytes=None) -> StreamedModel:
+           cpu_reads: str = "auto", host_budget=None, split_bytes=None, lazy_trace: bool = False) -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
@@ -746,6 +754,9 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     one by one, and embedding tables larger than this stay on the host, read by rows (see `flashmem.split`),
     so that a budget smaller than one such layer runs. Row reads are exact; split linear layers may differ
     from the whole layer in the last bits (their blocks' matrix products may use other kernels).
+    lazy_trace: trace at the first call instead of before returning (example_inputs are then not needed):
+    that call computes with every weight loaded on demand and returns the model's output, so a first
+    output costs one forward, not two. A budget its plan cannot meet raises BudgetTooSmall from that call.
 
     Outputs are bit-identical (unless split_bytes splits a linear layer) to the model run with all weights resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
@@ -757,4 +768,4 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     """
     return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
                  planner=planner, cache_dir=cache_dir, debug=debug, cpu_reads=cpu_reads, host_budget=host_budget,
-                 split_bytes=split_bytes)
+                 split_bytes=split_bytes, lazy_trace=lazy_trace)
