@@ -6,7 +6,8 @@ A `Load` is issued when op `start_step` is entered, must be complete before op `
 its bytes are released when op `release_op` exits (after op `last_use`, the last op that needs it).
 
 `simple_plan` keeps what fits resident and prefetches the rest through a ring as early as the arena
-allows; the solver-made plans fill the same format.
+allows; the solver-made plans fill the same format. `next_layer_plan` is the ablation baseline that
+knows only "load layer L + 1 while layer L runs".
 """
 from __future__ import annotations
 
@@ -339,3 +340,73 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
                 arena_bytes=resident_bytes + ring_bytes, resident_bytes=resident_bytes,
                 activation_bytes=activation_bytes, fixed_bytes=program.fixed_bytes, alignment=alignment,
                 residents=tuple(residents), loads=tuple(loads), n_ops=len(program.ops), status="simple")
+
+
+# -- the ablation baseline: prefetch the next layer, nothing resident -------------------------------------
+def layer_key(module: str) -> str:
+    """The layer a module belongs to: its name up to and including the first purely numeric path component
+    ("transformer.h.3.attn.q_proj" -> "transformer.h.3"), or, with no numeric component, its top-level
+    name ("transformer.wte" -> "transformer", "lm_head" -> "lm_head")."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.isascii() and part.isdigit():
+            return ".".join(parts[:i + 1])
+    return parts[0]
+
+
+def op_layers(program: Program, layer_of=None) -> list[int]:
+    """Per op, the index of its layer: a layer is a maximal run of consecutive ops whose modules have the
+    same key (`layer_of(module)`, by default `layer_key`). So the embeddings before the numbered blocks form
+    one layer and the final norm after them another, though both have the key "transformer"."""
+    key_of = layer_of or layer_key
+    out: list[int] = []
+    previous = None
+    for op in program.ops:
+        key = key_of(op.module)
+        out.append(out[-1] + (key != previous) if out else 0)
+        previous = key
+    return out
+
+
+def next_layer_plan(program: Program, *, budget_bytes: int, device: str, alignment: int, activation_bytes: int,
+                    granularity: int = 1, layer_of=None) -> Plan:
+    """The "always prefetch the next layer" baseline: nothing resident; each load whose first use lies in
+    layer L + 1 (`op_layers`) starts at the first op of layer L, loads for layer 0 at step 0, later where
+    the bytes they land on are not free yet (`place_ring` with `starts`), through a ring of all the arena
+    the budget leaves (no more than every load side by side), or where loads do not place there (placement
+    is not monotone in the ring's size), the smallest ring that places them (`_smallest_ring`, grown by
+    eighths where the starts' placement needs more). Raises BudgetTooSmall, naming the ring that places
+    them, where it does not fit the budget."""
+    runs = use_runs(program)
+    fixed = activation_bytes + program.fixed_bytes
+    avail = (budget_bytes - fixed) // granularity * granularity
+    layer = op_layers(program, layer_of)
+    first_op: dict[int, int] = {}
+    for op in program.ops:
+        first_op.setdefault(layer[op.index], op.index)
+    starts = [first_op[layer[r.first_use] - 1] if layer[r.first_use] > 0 else 0 for r in runs]
+    need, need_step = _minimum_ring(program, runs, alignment) if runs else (0, 0)
+    whole = min(avail, sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs)) // alignment * alignment
+    loads = place_ring(program, runs, 0, whole, alignment, starts=starts) if runs and whole >= need else None
+    ring = whole if loads is not None else (_smallest_ring(program, runs, need, alignment) if runs else 0)
+    while loads is None and (loads := place_ring(program, runs, 0, ring, alignment, starts=starts)) is None:
+        # This ends: a ring of every run's bytes side by side places each load at its given step.
+        grown = align_up(ring + max(ring // 8, alignment), alignment)
+        ring = avail if ring < avail < grown else grown
+    if ring > avail:
+        op = program.ops[need_step]
+        total_need = align_up(ring, granularity) + fixed
+        raise BudgetTooSmall(
+            f"streaming every weight layer by layer needs a ring of {fmt_bytes(ring)} (op {op.index}, "
+            f"{op.module!r}, needs {fmt_bytes(need)} in place at once), but the budget of {fmt_bytes(budget_bytes)} "
+            f"less {fmt_bytes(fixed)} for activations and workspace leaves {fmt_bytes(max(avail, 0))}; raise the "
+            f"budget to at least {fmt_bytes(total_need)}", op=op.module, need_bytes=total_need,
+            budget_bytes=budget_bytes)
+    late = sum(1 for load, s in zip(loads, starts) if load.start_step > s)
+    note = (f"next layer: {layer[-1] + 1 if layer else 0} layers, nothing resident, a {fmt_bytes(ring)} ring; "
+            f"{late} of {len(loads)} loads start after the first op of the layer before their first use "
+            f"(their bytes, or an earlier load's, were not free yet)")
+    return Plan(device=device, signature=program.signature, budget_bytes=budget_bytes,
+                arena_bytes=align_up(ring, granularity), resident_bytes=0,
+                activation_bytes=activation_bytes, fixed_bytes=program.fixed_bytes, alignment=alignment,
+                residents=(), loads=tuple(loads), n_ops=len(program.ops), status="next-layer", note=note)
