@@ -583,3 +583,43 @@ def test_cuda_workload_of_three_models_is_exact_within_the_budget():
     finally:
         wl.close()
         settle()
+
+
+def test_cuda_activations_of_one_to_ten_mib_are_reserved():
+    """A ViT shape: no op holds 10 MiB of weights and its activations are 0.4-1.6 MB, each a request that
+    the caching allocator serves from a 20 MiB segment. The trace's scratch must not lend the activations
+    the free tail of such a segment (the calls, without it, would then run out of memory under the cap):
+    every call is exact and the reserved memory grows by at most the budget."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=4096,
+                       image_size=224, patch_size=16)
+
+    def build_vit():
+        torch.manual_seed(0)
+        return ViTModel(config, add_pooling_layer=False).half().eval()
+
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1)).half().cuda()
+    model = build_vit().cuda()
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state.clone()
+    nbytes = model_bytes(model)
+    del model
+    settle()
+    budget = nbytes // 2
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    sm = flashmem.stream(build_vit(), budget, device="cuda", example_kwargs={"pixel_values": pixels})
+    try:
+        assert sm.plan.loads
+        for i in range(3):
+            with torch.no_grad():
+                out = sm(pixel_values=pixels).last_hidden_state
+            assert torch.equal(out, ref), f"call {i}"
+            del out
+        torch.cuda.synchronize()
+        growth = torch.cuda.max_memory_reserved() - before
+        assert growth <= budget, f"reserved memory grew by {fmt_bytes(growth)} at a budget of {fmt_bytes(budget)}"
+    finally:
+        sm.close()
+        settle()

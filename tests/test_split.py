@@ -195,21 +195,22 @@ def _settle() -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_split_runs_below_the_largest_layer_within_the_budget():
-    """An fp16 Llama shape whose embedding table and LM head are 32 MiB each, at a budget that cannot hold
-    the LM head beside the cuBLAS workspace: refused whole, run split, with the caching allocator's reserved
+    """An fp16 Llama shape whose embedding table and LM head are 64 MiB each, at a budget of 48 MiB, less
+    than the LM head alone (the reference run made the cuBLAS workspace, so none is counted; the logits take
+    a 20 MiB segment of the caching allocator, the trace's scratch 10 MiB): refused whole, run split, with the caching allocator's reserved
     memory grown by at most the budget and the logits within 4 fp16 units in the last place of the whole
     model's (a block's matrix product may pick another kernel)."""
     def build():
-        return hf_model("llama", vocab_size=32768, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+        return hf_model("llama", vocab_size=65536, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False).half()
 
-    xs = [torch.randint(0, 32768, (2, 32), generator=torch.Generator().manual_seed(k)).cuda() for k in range(2)]
+    xs = [torch.randint(0, 65536, (2, 32), generator=torch.Generator().manual_seed(k)).cuda() for k in range(2)]
     model = build().cuda()
     with torch.no_grad():
         refs = [out_of(model(x)).clone() for x in xs]
     del model
     _settle()
-    budget = 56 * MiB
+    budget = 48 * MiB
     with pytest.raises(flashmem.BudgetTooSmall):
         flashmem.stream(build(), budget, device="cuda", example_inputs=(xs[0],))
     _settle()
@@ -232,7 +233,7 @@ def test_cuda_split_runs_below_the_largest_layer_within_the_budget():
             del out
         growth = max(peaks) - before
         assert growth <= budget, f"reserved memory grew by {fmt_bytes(growth)} at a budget of {fmt_bytes(budget)}"
-        assert sm.stats.streamed_bytes == sm.plan.streamed_bytes > 32 * MiB  # the LM head's blocks, at least
+        assert sm.stats.streamed_bytes == sm.plan.streamed_bytes > 40 * MiB  # most of the LM head's blocks
     finally:
         sm.close()
         _settle()

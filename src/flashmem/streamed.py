@@ -37,9 +37,18 @@ from .units import align_up, fmt_bytes, parse_bytes
 CUDA_ALIGNMENT = 512  # bytes; like PyTorch's allocator, so kernels see the same alignment as resident
 CPU_ALIGNMENT = 64
 CUDA_GRANULARITY = 2 * 2**20  # the caching allocator rounds large blocks to 2 MiB
+CUDA_LARGE_SEGMENT = 10 * 2**20  # from this size on, a block's segment is the block (rounded to 2 MiB)
 MAX_PLANS = 8
 CPU_READS = ("auto", "map", "copy")
 MAP_PAGE_OVERHEAD = 0.01  # "auto" maps the files unless rounding weights to pages costs more than this
+
+
+def trace_scratch_bytes(max_working_bytes: int) -> int:
+    """The size of the trace's scratch buffer on CUDA: the caching allocator gives a request of 1 to 10 MiB
+    a 20 MiB segment, whose free tail would then hold the traced activations, which a streamed call (the
+    scratch gone) must find room for elsewhere: the reserve would be measured short. A request of at least
+    CUDA_LARGE_SEGMENT, in whole 2 MiB blocks, gets a segment of exactly its size."""
+    return max(align_up(max_working_bytes, CUDA_GRANULARITY), CUDA_LARGE_SEGMENT)
 
 
 def activation_reserve(measured_bytes: int) -> int:
@@ -135,7 +144,8 @@ class StreamedModel:
                                               dtype=torch.uint8)
                     scratch = self._arena
                 else:
-                    scratch = torch.zeros(self._mw.max_working_bytes, dtype=torch.uint8, device=self.device)
+                    scratch = torch.zeros(trace_scratch_bytes(self._mw.max_working_bytes), dtype=torch.uint8,
+                                          device=self.device)
                 resident: dict[int, torch.Tensor] = {}
             else:
                 resident = self._resident_views
