@@ -2,6 +2,8 @@
 """The CPU cost model of a streamed GPT-Neo-125M shape (fp32, untied head): per op class, the compute time of
 its steps alone and the slowdown while a storage read runs beside them (the IO thread competing with
 compute on a 2-core machine), the link fit, and the simple plan's predicted latency against the measured.
+`--kernels` times instead the resident model whole and with split_bytes's blocks (no streaming), and its
+LM head alone: what splitting changes in compute.
 
     PYTHONPATH=src python benchmarks/profile_cpu.py --budget 0.1x --split-bytes 8MiB --tokens 128
 
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flashmem-bench-cpu"))
+    p.add_argument("--kernels", action="store_true", help="time the resident model whole and split instead")
     args = p.parse_args(argv)
     import torch
 
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
     folder = Path(args.workdir) / "model"
     if not (folder / "meta.json").exists():
         C.prepare_model_folder(folder, "125M", "float32", "cpu")
+    if args.kernels:
+        return kernels(folder, args)
     total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     budget = C.parse_size(args.budget, total)
     ids = C.input_ids(50257, args.tokens)
@@ -65,6 +70,40 @@ def main(argv=None) -> int:
     print(f"\npredicted {predicted * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms (median of {args.iters}), "
           f"predicted / measured {predicted / measured:.3f}")
     sm.close()
+    return 0
+
+
+def kernels(folder: Path, args) -> int:
+    """Median times of the resident forward whole and split, and of the LM head alone in both forms."""
+    import torch
+
+    from flashmem.split import split_model
+    from flashmem.units import parse_bytes
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(args.iters):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    model = C.load_model(folder, torch.float32)
+    ids = C.input_ids(model.config.vocab_size, args.tokens)
+    x = torch.randn(args.tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = median_ms(lambda: model(ids, use_cache=False))
+        ref = model(ids, use_cache=False).logits
+        head = model.lm_head.weight
+        head_whole = median_ms(lambda: torch.nn.functional.linear(x, head))
+        split_model(model, parse_bytes(args.split_bytes))
+        split = median_ms(lambda: model(ids, use_cache=False))
+        equal = torch.equal(model(ids, use_cache=False).logits, ref)
+        head_blocks = median_ms(lambda: model.lm_head(x))
+    print(f"resident forward, {args.tokens} tokens: whole {whole:.1f} ms, LM head in blocks of "
+          f"{args.split_bytes} {split:.1f} ms (logits equal: {equal}); LM head alone: whole {head_whole:.1f} ms, "
+          f"in {len(model.lm_head.parts)} blocks {head_blocks:.1f} ms")
     return 0
 
 
