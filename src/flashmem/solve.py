@@ -4,17 +4,19 @@ minimise the predicted latency under the budget.
 Data -> variables -> constraints -> objective -> solve -> plan. Time is indexed by step: step 0 is the
 call's start (nothing computes yet), step s >= 1 is op s - 1 computing. For each use run u of a weight
 (first use at step f, last use at step l, size S) that is not resident, `held[u, s]` says its load has
-started by step s (within `lookahead` steps before f); its bytes are held from then to l, and
-`moved[u, s]` KiB of it cross the link in step s. Loads start in order of first use (one copy queue).
-Per step, the bytes held fit the arena; the step lasts at least its compute (longer by the measured
-slowdown while the link is busy) and at least its transfer (bytes over bandwidth, plus a per-copy
-overhead). The objective is the sum of step times, plus `resident_weight` per resident byte (the
-paper's lambda).
+started by step s (within `lookahead` steps before f, or in step f itself: a load issued as its first
+user starts, which then waits for it); its bytes are held from then to l, and `moved[u, s]` units of it
+cross the link in step s (what moves in step f adds to that step's compute instead of hiding behind it).
+Loads start in order of first use (one copy queue). Per step, the bytes held fit the arena; the step
+lasts at least its compute (longer by the measured slowdown while the link is busy) and at least its
+transfer (bytes over bandwidth, plus a per-copy overhead). The objective is the sum of step times, plus
+`resident_weight` per resident byte (the paper's lambda).
 
 Long programs are solved in a rolling window of steps, each window with what earlier windows decided
-fixed, and the simple plan as a hint. Offsets are assigned after solving (first fit in time and space).
-Tiers: the solver's plan; the solver with a tighter arena (more room for placement); the simple plan.
-`plan.status` says "optimal", "feasible" or "fallback", and `plan.note` which tier answered and why.
+fixed, and the simple plan as a complete hint (resident set, start steps, bytes moved). Offsets are
+assigned after solving (first fit in time and space). Tiers: the solver's plan; the solver with a tighter
+arena (more room for placement); the simple plan. `plan.status` says "optimal", "feasible" or
+"fallback", and `plan.note` which tier answered and why.
 """
 from __future__ import annotations
 
@@ -84,7 +86,9 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
     for u in deciding:
         r = runs[u]
         f = r.first_use + 1
-        steps = list(range(max(window_lo, f - settings.lookahead), f))
+        # Up to and including step f: a load issued as its first user starts (the simple plan's loads where
+        # the ring is tight) moves while that op waits for it.
+        steps = list(range(max(window_lo, f - settings.lookahead), f + 1))
         window_of[u] = steps
         for s in steps:
             held[u, s] = model.new_bool_var(f"held_{u}_{s}")
@@ -128,19 +132,41 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
                         deciding and r.first_use + 1 <= s <= r.last_use + 1 and r.weight not in done.resident)
             model.add(sum(size_u[w] * v for w, v in resident.items()) + held_before[s] + later <= arena_u)
 
+    # -- the hint: the simple plan, complete (every variable), so the search starts from a solution ---------
+    hint_resident = {w: int(w in hint.resident) for w in resident}
+    hint_held = {(u, s): int(u in hint.start and hint.start[u] <= s) for (u, s) in held}
+    hint_moved = {}
+    for u in deciding:  # the hinted load moves all its bytes in the first step it is held
+        first = next((s for s in window_of[u] if hint_held[u, s]), None)
+        for s in window_of[u]:
+            hint_moved[u, s] = size_u[runs[u].weight] if s == first else 0
+
     step_time = []
     scale = max(1, int(1000 / ns_per_unit))  # ns per size unit, kept as a fraction over `scale`
+    coef = int(round(ns_per_unit * scale))
     for s in range(window_lo, min(hi, n_steps)):
-        moves = [moved[u, s] for u in deciding if (u, s) in moved]
+        moves = [u for u in deciding if (u, s) in moved]
         t = model.new_int_var(compute_ns[s], 10**13, f"step_time_{s}")
+        t_hint = compute_ns[s]
         if moves or moved_before[s]:
-            starts = [held[u, s] - (held[u, s - 1] if (u, s - 1) in held else 0) for u in deciding if (u, s) in held]
-            model.add(scale * t >= int(round(ns_per_unit * scale)) * (sum(moves) + moved_before[s])
+            starts = [held[u, s] - (held[u, s - 1] if (u, s - 1) in held else 0) for u in moves]
+            model.add(scale * t >= coef * (sum(moved[u, s] for u in moves) + moved_before[s])
                       + scale * overhead_ns * sum(starts))
+            moved_hint = sum(hint_moved[u, s] for u in moves) + moved_before[s]
+            starts_hint = sum(hint_held[u, s] - hint_held.get((u, s - 1), 0) for u in moves)
+            t_hint = max(t_hint, -(-coef * moved_hint // scale) + overhead_ns * starts_hint)
+            waited = [u for u in moves if runs[u].first_use + 1 == s]
+            if waited:  # the op waits for what moves in its own step: that transfer adds to its compute
+                model.add(scale * t >= scale * compute_ns[s] + coef * sum(moved[u, s] for u in waited))
+                t_hint = max(t_hint, compute_ns[s] - (-coef * sum(hint_moved[u, s] for u in waited) // scale))
             if slowdown[s] > 1.02:
                 busy = model.new_bool_var(f"busy_{s}")
-                model.add(sum(moves) + moved_before[s] <= (sum(size_u.values()) + 1) * busy)
-                model.add(t >= compute_ns[s] + int((slowdown[s] - 1.0) * compute_ns[s]) * busy)
+                extra_ns = int((slowdown[s] - 1.0) * compute_ns[s])
+                model.add(sum(moved[u, s] for u in moves) + moved_before[s] <= (sum(size_u.values()) + 1) * busy)
+                model.add(t >= compute_ns[s] + extra_ns * busy)
+                model.add_hint(busy, int(moved_hint > 0))
+                t_hint = max(t_hint, compute_ns[s] + extra_ns * int(moved_hint > 0))
+        model.add_hint(t, t_hint)
         step_time.append(t)
 
     # -- objective -----------------------------------------------------------------------------------
@@ -148,9 +174,11 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
     model.minimize(sum(step_time) + sum(int(round(ns_per_resident_unit * size_u[w])) * v
                                         for w, v in resident.items()))
     for w, v in resident.items():
-        model.add_hint(v, int(w in hint.resident))
-    for (u, s), v in held.items():
-        model.add_hint(v, int(u in hint.start and hint.start[u] <= s))
+        model.add_hint(v, hint_resident[w])
+    for key, v in held.items():
+        model.add_hint(v, hint_held[key])
+    for key, v in moved.items():
+        model.add_hint(v, hint_moved[key])
 
     # -- solve -----------------------------------------------------------------------------------------
     solver = cp_model.CpSolver()
@@ -160,6 +188,9 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
     solver.parameters.num_workers = settings.workers
     solver.parameters.interleave_search = True
     solver.parameters.random_seed = settings.seed
+    # One presolve pass: on programs of a few hundred steps (a ViT-L, 34k variables) presolve to a fix point
+    # took the whole deterministic time limit, and the search, hint included, never started.
+    solver.parameters.max_presolve_iterations = 1
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return False
