@@ -128,3 +128,13 @@ def test_queue_spec_errors_are_clear(tmp_path):
     assert parse_spec({"budget": "1GB", "models": [{"name": "a", "transformers": "X"}]}).host_budget_bytes is None
     with pytest.raises(flashmem.BadBudget):
         parse_spec({"budget": "1GB", "host_budget": "lots", "models": [{"name": "a", "transformers": "X"}]})
+
+
+def test_plan_with_split_bytes_names_the_blocks(llama_folder, tmp_path, capsys):
+    # The small Llama's embedding table and LM head are 512 x 64 fp32, 128 KiB each: at 32 KiB the head
+    # streams as 4 blocks of 128 rows and the table is read by rows (no weight of its own in the plan).
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(llama_folder), "--budget", "120KiB", "--split-bytes", "32KiB", "--out", str(out)]) == 0
+    names = json.loads(out.read_text())["weight_names"]
+    assert [n for n in names if n.startswith("lm_head")] == [f"lm_head.parts.{k}.weight" for k in range(4)]
+    assert not any(n.startswith("model.embed_tokens") for n in names)

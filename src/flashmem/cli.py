@@ -36,7 +36,8 @@ def cmd_run(args) -> int:
     tok, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
     t0 = time.perf_counter()
     sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,),
-                         planner=args.planner, cache_dir=args.cache_dir, host_budget=args.host_budget)
+                         planner=args.planner, cache_dir=args.cache_dir, host_budget=args.host_budget,
+                         split_bytes=args.split_bytes)
     console.print(f"[bold]{sm.plan.summary(sm.program)}[/] (traced and planned in {time.perf_counter() - t0:.2f} s)")
     with torch.no_grad():
         if tok is not None and args.new_tokens > 0:
@@ -59,7 +60,8 @@ def cmd_plan(args) -> int:
 
     _, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
     sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,),
-                         planner=args.planner, cache_dir=args.cache_dir, host_budget=args.host_budget)
+                         planner=args.planner, cache_dir=args.cache_dir, host_budget=args.host_budget,
+                         split_bytes=args.split_bytes)
     if args.out and args.out.endswith(".png"):
         import torch
 
@@ -134,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokens", type=int, default=8, help="without --prompt: trace with this many token ids")
         sp.add_argument("--planner", choices=("simple", "solver"), default="simple",
                         help="simple: keep what fits resident, prefetch the rest; solver: profile, then CP-SAT")
+        sp.add_argument("--split-bytes", help="stream linear layers larger than this in blocks and read embedding "
+                        "tables larger than it by rows, so a budget below one such layer runs (e.g. 64MiB)")
         sp.add_argument("--cache-dir", help="plan cache folder for --planner solver (default ~/.cache/flashmem/plans)")
 
     run = sub.add_parser("run", help="run a model folder under a budget")
