@@ -9,6 +9,8 @@ Models (flashmem.queue.build_model: built on the meta device, seeded N(0, 0.02) 
   sd_unet  diffusers UNet2DConditionModel with SD 1.5's config (below), latents (2, 4, 64, 64), timestep 10,
            encoder_hidden_states (2, 77, 768); needs diffusers (an error row per mode where it is missing)
   vit_l    transformers ViTModel: hidden 1024, 24 layers, 16 heads, intermediate 4096, image 224, batch 1
+  neo_125m transformers GPTNeoForCausalLM, GPT-Neo-125M shape with an untied head, 128 token ids, batch 1
+           (for the CPU: fp32 there; with --split-bytes a 10% budget runs)
 The parent starts one child process per (model, budget, mode) -- it re-invokes this script with
 `--mode X --model M [--fraction F]` -- and collects one JSON row from each; it never touches the GPU itself.
 Modes:
@@ -45,8 +47,8 @@ from bench_cuda import versions  # noqa: E402
 
 MODES = ["resident", "simple", "solver", "next_layer"]
 STREAMED = MODES[1:]
-MODELS = ["vit_l", "sd_unet"]
-OUTPUT_OF = {"sd_unet": "sample", "vit_l": "last_hidden_state"}  # the output tensor compared
+MODELS = ["vit_l", "sd_unet", "neo_125m"]
+OUTPUT_OF = {"sd_unet": "sample", "vit_l": "last_hidden_state", "neo_125m": "logits"}  # the output compared
 MISSING = "missing dependency"  # an error row's `skip_model`: the other modes of that model fail the same way
 
 
@@ -87,6 +89,11 @@ def model_spec(name: str, small: bool):
         return ModelSpec(name, "diffusers", "UNet2DConditionModel", cfg,
                          {"sample": {"shape": [2, 4, side, side]}, "timestep": {"value": 10},
                           "encoder_hidden_states": {"shape": [2, context, width]}})
+    if name == "neo_125m":  # GPT-Neo-125M shape, untied head, 128 tokens (tiny: 16)
+        cfg = C.neo_config_dict("tiny" if small else "125M")
+        return ModelSpec(name, "transformers", "GPTNeoForCausalLM", cfg,
+                         {"input_ids": {"shape": [1, 16 if small else 128], "dtype": "int64",
+                                        "high": cfg["vocab_size"]}, "use_cache": {"value": False}})
     cfg = vit_config(small)
     return ModelSpec(name, "transformers", "ViTModel", cfg,
                      {"pixel_values": {"shape": [1, 3, cfg["image_size"], cfg["image_size"]]}})
@@ -110,6 +117,8 @@ def parse_args(argv=None):
                         "(--small: 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every child (default: torch's own)")
     p.add_argument("--workdir", help="reference outputs and logs (default $TMPDIR/flashmem-bench-mixed[-small])")
+    p.add_argument("--split-bytes", help="streamed modes: flashmem.stream(split_bytes=...), for budgets below the "
+                                         "largest layer (e.g. 8MiB for neo_125m at 10%%)")
     p.add_argument("--plot", help="where the ablation plot goes (default $OUT/ablation.png, else the workdir)")
     p.add_argument("--time-limit", type=float, default=470, help="seconds; runs not started by then are skipped "
                    "(a run still going gets at most 30 s more)")
@@ -169,7 +178,7 @@ def build(args):
 
     transformers.logging.set_verbosity_error()
     dev = torch.device(args.device)
-    dtype = torch.float32 if args.small else torch.float16
+    dtype = torch.float32 if args.small or dev.type == "cpu" else torch.float16  # CPUs are slow at fp16
     spec = model_spec(args.model, args.small)
     model = build_model(spec, dtype, seed=C.SEED, fill_device=args.device)
     inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(spec, dtype, C.SEED).items()}
@@ -185,7 +194,8 @@ def set_up(args, model, inputs, budget: int, solver_dir: str):
     from flashmem.solve import SolverSettings
     from flashmem.streamed import CUDA_GRANULARITY
 
-    sm = flashmem.stream(model, budget, device=args.device, example_kwargs=inputs)
+    split = {"split_bytes": args.split_bytes} if args.split_bytes else {}
+    sm = flashmem.stream(model, budget, device=args.device, example_kwargs=inputs, **split)
     if args.mode == "solver":
         sm.use_solver((), inputs, settings=SolverSettings(time_limit_s=args.solver_time_limit), cache_dir=solver_dir)
     elif args.mode == "next_layer":
@@ -410,6 +420,7 @@ def main(argv=None) -> int:
     script = str(Path(__file__).resolve())
     common = ["--device", args.device, "--workdir", str(workdir), "--iters", str(args.iters), "--warmup",
               str(args.warmup), "--solver-time-limit", str(args.solver_time_limit)] + (["--small"] if args.small else []) \
+        + (["--split-bytes", args.split_bytes] if args.split_bytes else []) \
         + (["--threads", str(args.threads)] if args.threads else [])
     out = C.out_dir()
     result = {"script": "bench_mixed.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": [],
