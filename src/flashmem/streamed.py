@@ -553,6 +553,9 @@ class StreamedModel:
             h.remove()
         # A model whose tensors went to the store (not one given its own tensors back) is left guarded.
         self._hooks = [self.model.register_forward_pre_hook(_closed)] if self._originals is None else []
+        if self._originals is None:  # the model is guarded from now on: its row tables' files can go too
+            for _, emb in row_embeddings(self.model):
+                emb.close()
         self._close_executors()
         self._arena = None
         if self._files is not None:
@@ -763,7 +766,8 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     split_bytes: same units; linear layers larger than this become blocks of output features that stream
     one by one, and embedding tables larger than this stay on the host, read by rows (see `flashmem.split`),
     so that a budget smaller than one such layer runs. Row reads are exact; split linear layers may differ
-    from the whole layer in the last bits (their blocks' matrix products may use other kernels).
+    from the whole layer in the last bits (their blocks' matrix products may use other kernels). The
+    model is rewritten in place (`SplitLinear`, `RowEmbedding` modules), also when streaming it then fails.
     lazy_trace: trace at the first call instead of before returning (example_inputs are then not needed):
     that call computes with every weight loaded on demand and returns the model's output, so a first
     output costs one forward, not two. A budget its plan cannot meet raises BudgetTooSmall from that call.
