@@ -273,3 +273,17 @@ def free_bytes(path: str) -> int:
 def out_dir() -> Path | None:
     out = os.environ.get("OUT")
     return Path(out) if out else None
+
+
+def save_result(result: dict, name: str, logs: Path) -> None:
+    """`result` to $OUT/<name>.json and the children's logs to $OUT/<name>_logs; nothing without $OUT."""
+    out = out_dir()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        copy_logs(logs, out / f"{name}_logs")
+
+
+def progress(t0: float, msg: str) -> None:
+    """One line of a parent's progress: seconds since `t0`, then `msg`."""
+    print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)

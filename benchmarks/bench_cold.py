@@ -315,13 +315,10 @@ def main(argv=None) -> int:
     result = {"script": "bench_cold.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": []}
 
     def save():
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "bench_cold.json").write_text(json.dumps(result, indent=1, default=str))
-            C.copy_logs(logs, out / "bench_cold_logs")
+        C.save_result(result, "bench_cold", logs)
 
     def progress(msg):
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+        C.progress(t_start, msg)
 
     prep = result["prepare"] = C.run_child(script, ["--mode", "prepare"] + common, logs / "prepare.log", 1200)[0]
     progress(f"model: {prep.get('error') or ('reused' if prep.get('reused') else 'written in %s s' % prep.get('prepare_s'))}")

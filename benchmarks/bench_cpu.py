@@ -229,13 +229,10 @@ def main(argv=None) -> int:
               "loadavg_start": os.getloadavg(), "cpus": os.cpu_count()}
 
     def save():
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "bench_cpu.json").write_text(json.dumps(result, indent=1, default=str))
-            C.copy_logs(logs, out / "bench_cpu_logs")
+        C.save_result(result, "bench_cpu", logs)
 
     def progress(msg):
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+        C.progress(t0, msg)
 
     prep = C.run_child(script, ["--mode", "prepare"] + common, logs / "prepare.log", 600)[0]
     result["prepare"] = prep

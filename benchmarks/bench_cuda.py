@@ -368,16 +368,13 @@ def main(argv=None) -> int:
     result = {"script": "bench_cuda.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": []}
 
     def save():
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "bench_cuda.json").write_text(json.dumps(result, indent=1, default=str))
-            C.copy_logs(logs, out / "bench_cuda_logs")
+        C.save_result(result, "bench_cuda", logs)
 
     def remaining():
         return args.time_limit - (time.perf_counter() - t0)
 
     def progress(msg):
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+        C.progress(t0, msg)
 
     prep = C.run_child(script, ["--mode", "prepare"] + common, logs / "prepare.log", 300)[0]
     result["prepare"] = prep

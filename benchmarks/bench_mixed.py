@@ -427,13 +427,10 @@ def main(argv=None) -> int:
               "loadavg_start": os.getloadavg()}
 
     def save():
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "bench_mixed.json").write_text(json.dumps(result, indent=1, default=str))
-            C.copy_logs(logs, out / "bench_mixed_logs")
+        C.save_result(result, "bench_mixed", logs)
 
     def progress(msg):
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+        C.progress(t0, msg)
 
     runs = [(model, mode, None if mode == "resident" else f) for model in args.model_list
             for mode in args.mode_list for f in ([None] if mode == "resident" else args.fractions)]
