@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=900, help="seconds; runs not started by then are skipped")
     p.add_argument("--child-timeout", type=float, default=300, help="seconds per child process")
     p.add_argument("--fresh", action="store_true", help="rebuild the stored model even if it is there")
-    p.add_argument("--split-bytes", default="8MiB", help="flashmem_split: flashmem.from_pretrained(split_bytes=...)")
+    p.add_argument("--split-bytes", default="8MiB", help="flashmem_split: flashmem.from_pretrained(split_bytes=...); "
+                   "comma-separated for one flashmem_split run per size (a granularity sweep)")
     args = p.parse_args(argv)
     args.size = "tiny" if args.small else "125M"
     args.tokens_list = [int(t) for t in (args.tokens_list or ("48,1" if args.small else "128,1")).split(",")]
@@ -221,8 +222,7 @@ def main(argv=None) -> int:
     if args.fresh and (workdir / "model").exists():
         shutil.rmtree(workdir / "model")
     script = str(Path(__file__).resolve())
-    common = ["--workdir", str(workdir), "--iters", str(args.iters), "--warmup", str(args.warmup),
-              "--split-bytes", args.split_bytes] + \
+    common = ["--workdir", str(workdir), "--iters", str(args.iters), "--warmup", str(args.warmup)] + \
              (["--small"] if args.small else []) + (["--threads", str(args.threads)] if args.threads else [])
     out = C.out_dir()
     result = {"script": "bench_cpu.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": [],
@@ -249,17 +249,22 @@ def main(argv=None) -> int:
     progress(f"page-cache read: {link_gbps and round(link_gbps, 2)} GB/s {link.get('error', '')}")
 
     budgets = [C.parse_size(b, total) for b in args.budget_specs]
-    runs = [(mode, tokens, budget) for tokens in args.tokens_list for mode in args.mode_list
-            for budget in (budgets if mode in BUDGETED else [None])]
+    splits = args.split_bytes.split(",")
+    runs = [(mode, tokens, budget, split) for tokens in args.tokens_list for mode in args.mode_list
+            for budget in (budgets if mode in BUDGETED else [None])
+            for split in (splits if mode == "flashmem_split" else [None])]
     runs.sort(key=lambda r: (args.tokens_list.index(r[1]), r[0] != "resident"))
-    for mode, tokens, budget in runs:
-        tag = f"{mode}-t{tokens}" + (f"-b{budget}" if budget else "")
+    for mode, tokens, budget, split in runs:
+        tag = f"{mode}-t{tokens}" + (f"-b{budget}" if budget else "") + (f"-s{split}" if split else "")
         left = args.time_limit - (time.perf_counter() - t0)
         if left < 10:
             row = {"mode": mode, "tokens": tokens, "budget_bytes": budget, "error": "skipped: --time-limit reached"}
         else:
-            argv = ["--mode", mode, "--tokens", str(tokens)] + (["--budget", str(budget)] if budget else []) + common
+            argv = ["--mode", mode, "--tokens", str(tokens)] + (["--budget", str(budget)] if budget else []) + common \
+                + (["--split-bytes", split] if split else [])
             row = C.run_child(script, argv, logs / f"{tag}.log", min(args.child_timeout, left))[0]
+            if split:
+                row["split_bytes"] = split
             row.setdefault("mode", mode)
             row.setdefault("tokens", tokens)
             row.setdefault("budget_bytes", budget)
@@ -300,7 +305,7 @@ def main(argv=None) -> int:
         ok = "median_ms" in r
         b = r.get("budget_bytes")
         table.append([
-            r["mode"], r["tokens"], C.fmt_gb(b) if b else None,
+            r["mode"] + (f" {r['split_bytes']}" if r.get("split_bytes") else ""), r["tokens"], C.fmt_gb(b) if b else None,
             f"{r['median_ms']:.1f}" if ok else None, f"{r['min_ms']:.1f}-{r['max_ms']:.1f}" if ok else None,
             f"{r['first_ms']:.1f}" if ok else None, f"{r['cold_s']:.2f}" if ok else None,
             C.fmt_gb(r.get("rss_growth_bytes")) if ok else None, C.fmt_gb(r.get("rss_peak_over_base_bytes")) if ok else None,
