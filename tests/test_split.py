@@ -258,3 +258,15 @@ def test_cuda_rows_read_from_the_host_are_exact():
     finally:
         sm.close()
         _settle()
+
+
+def test_only_plain_linear_layers_split():
+    # nn.MultiheadAttention reads out_proj.weight (a NonDynamicallyQuantizableLinear) without calling
+    # out_proj: a subclass is left whole, and reading a split layer's whole weight says what happened.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(64, 4, batch_first=True), "head": nn.Linear(64, 512)})
+    split = split_model(model, 4 * KiB)  # out_proj is 16 KiB; the head 128 KiB, 32 blocks of 16 rows (256 B each)
+    assert split.linears == ("head",)
+    assert type(model["attn"].out_proj) is not SplitLinear
+    with pytest.raises(AttributeError, match="split by split_bytes into 32 blocks"):
+        model["head"].weight

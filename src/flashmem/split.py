@@ -2,7 +2,8 @@
 
 `split_model(model, max_bytes)` rewrites the model in place, where `split_bytes=` asks for it:
 
-- an `nn.Linear` whose weight is larger than `max_bytes` becomes a `SplitLinear`, whose children are
+- an `nn.Linear` (that type exactly: a subclass may be read other than by calling it) whose weight is
+  larger than `max_bytes` becomes a `SplitLinear`, whose children are
   `nn.Linear`s over consecutive blocks of its output features (rows of the weight: contiguous in memory and
   in the model's files). Each child is an op of its own, so its weight streams on its own: a matrix larger
   than the budget runs in pieces, and the pieces' loads spread over several steps. A block's matrix product
@@ -88,6 +89,13 @@ class SplitLinear(nn.Module):
         for k in range(1, len(self.parts)):
             out[..., self.bounds[k]:self.bounds[k + 1]] = self.parts[k](x)
         return out
+
+    def __getattr__(self, name: str):
+        if name in ("weight", "bias"):
+            raise AttributeError(f"this linear layer was split by split_bytes into {len(self.parts)} blocks of "
+                                 f"output features; its {name} is theirs (parts[k].{name}, rows bounds[k]:bounds[k + 1]). "
+                                 f"Code that reads the whole {name} needs split_bytes above the layer's size")
+        return super().__getattr__(name)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, parts={len(self.parts)}"
@@ -205,9 +213,11 @@ def split_model(model: nn.Module, max_bytes: int) -> Split:
     slices: dict[str, RowSlice] = {}
     tables: dict[str, tuple[str, ...]] = {}
     linears, embeddings = [], []
+    # Exact types only: a subclass may be used other than by calling it (nn.MultiheadAttention reads its
+    # out_proj's weight, a NonDynamicallyQuantizableLinear, without calling out_proj).
     targets = [(name, m) for name, m in model.named_modules()
-               if (isinstance(m, nn.Linear) and _nbytes(m.weight) > max_bytes)
-               or (isinstance(m, nn.Embedding) and _nbytes(m.weight) > max_bytes and m.max_norm is None)]
+               if (type(m) is nn.Linear and _nbytes(m.weight) > max_bytes)
+               or (type(m) is nn.Embedding and _nbytes(m.weight) > max_bytes and m.max_norm is None)]
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
