@@ -197,8 +197,8 @@ def _settle() -> None:
 def test_cuda_split_runs_below_the_largest_layer_within_the_budget():
     """An fp16 Llama shape whose embedding table and LM head are 64 MiB each, at a budget of 48 MiB, less
     than the LM head alone (the reference run made the cuBLAS workspace, so none is counted; the logits take
-    a 20 MiB segment of the caching allocator, the trace's scratch 10 MiB): refused whole, run split, with the caching allocator's reserved
-    memory grown by at most the budget and the logits within 4 fp16 units in the last place of the whole
+    a 20 MiB segment of the caching allocator, the trace's scratch 10 MiB): refused whole, run split, with
+    the caching allocator's reserved memory grown by at most the budget and the logits within 4 fp16 units in the last place of the whole
     model's (a block's matrix product may pick another kernel)."""
     def build():
         return hf_model("llama", vocab_size=65536, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,

@@ -386,7 +386,8 @@ def next_layer_plan(program: Program, *, budget_bytes: int, device: str, alignme
         first_op.setdefault(layer[op.index], op.index)
     starts = [first_op[layer[r.first_use] - 1] if layer[r.first_use] > 0 else 0 for r in runs]
     need, need_step = _minimum_ring(program, runs, alignment) if runs else (0, 0)
-    whole = min(avail, sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs)) // alignment * alignment
+    every_load = sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs)
+    whole = min(avail, every_load) // alignment * alignment
     loads = place_ring(program, runs, 0, whole, alignment, starts=starts) if runs and whole >= need else None
     ring = whole if loads is not None else (_smallest_ring(program, runs, need, alignment) if runs else 0)
     while loads is None and (loads := place_ring(program, runs, 0, ring, alignment, starts=starts)) is None:

@@ -31,7 +31,8 @@ from .errors import BadModelFolder, FlashmemError
 from .files import TensorLocation, pread_into, read_header
 from .units import fmt_bytes
 
-ROW_MULTIPLE = 64  # rows per block are rounded up to this, so every block's matrix product keeps a kernel-friendly width
+# Rows per block are a multiple of this (where a block holds that many), for kernel-friendly matrix widths.
+ROW_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,9 @@ class SplitLinear(nn.Module):
     def __getattr__(self, name: str):
         if name in ("weight", "bias"):
             raise AttributeError(f"this linear layer was split by split_bytes into {len(self.parts)} blocks of "
-                                 f"output features; its {name} is theirs (parts[k].{name}, rows bounds[k]:bounds[k + 1]). "
-                                 f"Code that reads the whole {name} needs split_bytes above the layer's size")
+                                 f"output features; its {name} is theirs (parts[k].{name}, rows "
+                                 f"bounds[k]:bounds[k + 1]). Code that reads the whole {name} needs split_bytes "
+                                 f"above the layer's size")
         return super().__getattr__(name)
 
     def extra_repr(self) -> str:

@@ -716,8 +716,9 @@ def _suggest_split(err: BudgetTooSmall, model: nn.Module, split: Split | None) -
     if isinstance(module, (nn.Linear, nn.Embedding)):
         size = fmt_bytes(module.weight.numel() * module.weight.element_size())
         kind = type(module).__name__
-        err.add_note(f"flashmem: {err.op!r} is {'an' if kind[0] in 'AEIOU' else 'a'} {kind} of {size}; split_bytes='64MiB' (or "
-                     f"smaller) splits such layers into blocks that stream one by one and reads embedding "
+        article = "an" if kind[0] in "AEIOU" else "a"
+        err.add_note(f"flashmem: {err.op!r} is {article} {kind} of {size}; split_bytes='64MiB' (or smaller)"
+                     f" splits such layers into blocks that stream one by one and reads embedding "
                      f"tables by rows on the host, so a smaller budget runs (split linear layers may differ "
                      f"from the whole model in the last bits; row reads are exact)")
 
@@ -772,7 +773,8 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     that call computes with every weight loaded on demand and returns the model's output, so a first
     output costs one forward, not two. A budget its plan cannot meet raises BudgetTooSmall from that call.
 
-    Outputs are bit-identical (unless split_bytes splits a linear layer) to the model run with all weights resident on the same device. The model's
+    Outputs are bit-identical (unless split_bytes splits a linear layer) to the model run with all weights
+    resident on the same device. The model's
     parameters move into flashmem's store (pinned host memory on CUDA, a safetensors file on the CPU).
 
     >>> sm = flashmem.stream(model, "1GiB", device="cuda", example_inputs=(input_ids,))
