@@ -192,3 +192,25 @@ def test_bad_workloads_are_refused_clearly():
             wl.run([("bert", (inputs["mlp"],), {})])
     finally:
         wl.close()
+
+
+def test_split_bytes_applies_to_every_model():
+    # The MLP's layers are 256 x 256 fp32 (256 KiB); Llama's and GPT-2's embedding tables and heads 512 x 128
+    # and 512 x 64 (256 and 128 KiB). At 32 KiB the linear layers stream in blocks and the tables are read by
+    # rows; outputs stay within the fp32 bound. (The Workload holds its models as members.m0, m1, m2.)
+    wl, inputs, refs, nbytes = workload(0.25, split_bytes="32KiB")
+    try:
+        split = wl.streamed.split
+        assert "members.m0.0.0" in split.linears  # the MLP's first layer
+        assert "members.m1.lm_head" in split.linears and "members.m1.model.embed_tokens" in split.embeddings
+        assert "members.m2.transformer.wte" in split.embeddings  # GPT-2's head is tied to it: blocks of the table
+        order = ["gpt2", "mlp", "llama", "gpt2"]
+        results = wl.run(calls_of(order, inputs))
+        for r in results:
+            assert r.error is None, r.error
+            ref = refs[r.name]
+            assert (out_of(r.output) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), r.name
+        assert wl.plan.total_bytes <= wl.streamed.budget_bytes
+        assert max(w.nbytes for w in wl.streamed.program.weights if ".parts." in w.name) <= 32 * 2**10
+    finally:
+        wl.close()

@@ -105,13 +105,13 @@ class Workload:
 
     models: name -> nn.Module (parameters on the CPU). examples: name -> (args, kwargs), one call of each
     model, traced together as the first sequence. cpu_reads and host_budget (CUDA: what the host may hold
-    of the weights, a staging ring that each sequence reads them through from storage) as for
-    `flashmem.stream`.
+    of the weights, a staging ring that each sequence reads them through from storage) and split_bytes
+    (every model's large linear layers in blocks, embedding tables read by rows) as for `flashmem.stream`.
     """
 
     def __init__(self, models: dict[str, nn.Module], budget, device: str = "cpu",
                  examples: dict[str, tuple[tuple, dict]] | None = None, cpu_reads: str = "auto",
-                 keep_on_device: bool = False, debug=None, host_budget=None):
+                 keep_on_device: bool = False, debug=None, host_budget=None, split_bytes=None):
         if not models:
             raise FlashmemError("a Workload needs at least one model")
         missing = sorted(set(models) - set(examples or {}))
@@ -130,7 +130,8 @@ class Workload:
         self._tracing_calls = first
         self.streamed: StreamedModel = build(self.queue, budget, device, (first,), None,
                                              source=_store_from_tensors, debug=debug, cpu_reads=cpu_reads,
-                                             hooks=self._hook_up, host_budget=host_budget)
+                                             hooks=self._hook_up, host_budget=host_budget,
+                                             split_bytes=split_bytes)
         self._tracing_calls = None
         if self.streamed.device.type == "cuda" and not keep_on_device:
             self.queue.between_models = torch.cuda.empty_cache
