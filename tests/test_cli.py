@@ -138,3 +138,13 @@ def test_plan_with_split_bytes_names_the_blocks(llama_folder, tmp_path, capsys):
     names = json.loads(out.read_text())["weight_names"]
     assert [n for n in names if n.startswith("lm_head")] == [f"lm_head.parts.{k}.weight" for k in range(4)]
     assert not any(n.startswith("model.embed_tokens") for n in names)
+
+
+def test_queue_spec_takes_split_bytes():
+    from flashmem.queue import parse_spec
+
+    base = {"budget": "1MB", "models": [{"name": "a", "transformers": "ViTModel"}]}
+    assert parse_spec(base).split_bytes is None
+    assert parse_spec(dict(base, split_bytes="64KiB")).split_bytes == 64 * 1024
+    with pytest.raises(flashmem.BadBudget):
+        parse_spec(dict(base, split_bytes="lots"))

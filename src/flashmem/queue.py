@@ -57,6 +57,7 @@ class QueueSpec:
     seed: int = 0
     cpu_reads: str = "auto"
     host_budget_bytes: int | None = None  # CUDA: weights streamed from storage through a ring of this size
+    split_bytes: int | None = None  # larger linear layers stream in blocks, larger tables are read by rows
 
     def sequence(self) -> list[str]:
         """The model names in call order: `rounds` rounds of `order` (a random permutation per round)."""
@@ -105,7 +106,8 @@ def parse_spec(raw: dict, base: Path = Path(".")) -> QueueSpec:
             raise FlashmemError(f"the order names models the spec lacks: {unknown}")
     return QueueSpec(tuple(models), parse_bytes(raw["budget"]), raw.get("device", "cpu"), dtype,
                      int(raw.get("rounds", 1)), order, int(raw.get("seed", 0)), raw.get("cpu_reads", "auto"),
-                     parse_bytes(raw["host_budget"]) if raw.get("host_budget") is not None else None)
+                     parse_bytes(raw["host_budget"]) if raw.get("host_budget") is not None else None,
+                     parse_bytes(raw["split_bytes"]) if raw.get("split_bytes") is not None else None)
 
 
 def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0, fill_device: str = "cpu") -> nn.Module:
@@ -261,7 +263,7 @@ def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
     base = sampler.read()  # on the CPU, taken again after the first run: RSS then holds the models' code
     t0 = time.perf_counter()
     wl = Workload(models, spec.budget_bytes, device=spec.device, examples={k: ((), v) for k, v in inputs.items()},
-                  cpu_reads=spec.cpu_reads, host_budget=spec.host_budget_bytes)
+                  cpu_reads=spec.cpu_reads, host_budget=spec.host_budget_bytes, split_bytes=spec.split_bytes)
     calls = [(name, (), inputs[name]) for name in spec.sequence()]
     try:
         if warmup:
