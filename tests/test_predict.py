@@ -221,3 +221,48 @@ def test_held_out_model_from_real_cpu_profiles(streams):
         pred = OpTimePredictor.from_json(predictor.to_json()).predict(held_out)
         assert len(pred) == len(sm.program.ops)
         assert all(math.isfinite(p) and p > 0 for p in pred)
+
+
+def test_a_plan_from_predicted_costs_needs_no_profile(streams, monkeypatch, tmp_path):
+    """Fit on a tiny GPT-2's and GPT-Neo's CPU profiles; plan a tiny Llama, streamed at a third of its bytes,
+    from predicted step times and a given link, with no profile of it: the solver's plan passes the checker,
+    the outputs are exact, and a cached plan is found again only for the same costs."""
+    import flashmem.costs
+    from flashmem.check import find_problems
+    from flashmem.costs import LinkCost
+    from flashmem.predict import predicted_costs
+
+    from conftest import model_bytes, out_of, resident
+
+    feats, secs = [], []
+    for kind in ("gpt2", "neo"):
+        x = make_input(kind)
+        sm = streams(hf_model(kind), "64MiB", x)
+        secs += profile_op_seconds(sm, (x,), {}, calls=1)
+        feats += op_features(sm.model, sm.program, (x,), {})
+    predictor = OpTimePredictor().fit(feats, secs)
+    x = make_input("llama")
+    ref = resident(hf_model("llama"), x)
+    sm = streams(hf_model("llama"), model_bytes(hf_model("llama")) // 3, x)
+    link = LinkCost("given", 5e9, 2e-6)
+    costs = predicted_costs(predictor, op_features(sm.model, sm.program, (x,), {}), sm.program, link, "cpu")
+    assert len(costs.steps) == len(sm.program.ops) and all(s.compute_s > 0 for s in costs.steps)
+
+    def no_profile(*args, **kwargs):
+        raise AssertionError("profiled although costs were given")
+
+    monkeypatch.setattr(flashmem.costs, "profile", no_profile)
+    plan = sm.use_solver((x,), {}, costs=costs, cache_dir=tmp_path)
+    assert plan.status in ("optimal", "feasible", "fallback") and not list(find_problems(plan, sm.program))
+    assert sm.costs is costs
+    with torch.no_grad():
+        assert torch.equal(out_of(sm(x)), ref)
+    other = predicted_costs(predictor, op_features(sm.model, sm.program, (x,), {}), sm.program,
+                            LinkCost("given", 1e9, 2e-6), "cpu")
+    assert len(list(tmp_path.glob("plan-*.json"))) == 1
+    sm.use_solver((x,), {}, costs=costs, cache_dir=tmp_path)  # the same costs: the cached plan
+    assert len(list(tmp_path.glob("plan-*.json"))) == 1
+    sm.use_solver((x,), {}, costs=other, cache_dir=tmp_path)  # another cost model: planned and saved apart
+    assert sm.costs is other and len(list(tmp_path.glob("plan-*.json"))) == 2
+    with pytest.raises(FlashmemError, match="costs given are for another program"):
+        sm.use_solver((x,), {}, costs=flashmem.costs.CostModel("cpu", "other", link, costs.steps[:3]))

@@ -461,3 +461,20 @@ def profile_op_seconds(sm, args: tuple, kwargs: dict | None = None, calls: int =
     with torch.no_grad():
         costs = profile(sm, tuple(args), dict(kwargs or {}), calls=calls)
     return [s.compute_s for s in costs.steps]
+
+
+def predicted_costs(predictor: OpTimePredictor, features: Sequence[OpFeatures], program: Program, link,
+                    device: str, slowdowns: dict[str, float] | None = None):
+    """A `costs.CostModel` for `program` from predicted step times instead of a profile on the device: what
+    the solver plans with before the model ever ran there (`StreamedModel.use_solver(..., costs=...)`).
+    `link` is a `costs.LinkCost` (`costs.measure_link(device)` measures one without the model);
+    `slowdowns` per op kind (default 1.0 each: copy engines beside compute, as on a discrete GPU)."""
+    from .costs import CostModel, StepCost
+
+    if len(features) != len(program.ops):
+        raise FlashmemError(f"{len(features)} op features for a program of {len(program.ops)} ops; compute them "
+                            f"with op_features on the same traced program")
+    seconds = predictor.predict(features)
+    slow = slowdowns or {}
+    steps = tuple(StepCost(f.kind, float(t), max(1.0, float(slow.get(f.kind, 1.0)))) for f, t in zip(features, seconds))
+    return CostModel(str(device), program.signature, link, steps)

@@ -8,6 +8,7 @@ An input of a new shape or dtype is traced and planned again; plans are cached b
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import os
 import sys
@@ -469,10 +470,13 @@ class StreamedModel:
         return None
 
     # -- public --------------------------------------------------------------------------------------
-    def use_solver(self, args: tuple, kwargs: dict, settings=None, cache_dir: str | Path | None = None) -> Plan:
+    def use_solver(self, args: tuple, kwargs: dict, settings=None, cache_dir: str | Path | None = None,
+                   costs=None) -> Plan:
         """Profile this input's steps on the device, plan with the CP-SAT solver and switch to its plan
         (the solver keeps the simple plan where it predicts no gain). With `cache_dir`, a plan cached
-        there for the same weights, budget, device and input is reused, and a new one is saved."""
+        there for the same weights, budget, device and input is reused, and a new one is saved. `costs`
+        (a `costs.CostModel` for this input's program, e.g. `predict.predicted_costs`) replaces the
+        profile: a plan made from predicted op times, before the model ran on the device."""
         from .cache import PlanCache, cache_key
         from .costs import profile
         from .solve import SolverSettings, solve_plan
@@ -483,13 +487,20 @@ class StreamedModel:
         args, kwargs = tree_map(self._to_device, (args, kwargs))
         self(*args, **kwargs)  # plans this input's signature with the simple planner if needed
         program, simple = self._current
+        planner = "solver"
+        if costs is not None:
+            if costs.signature != program.signature or len(costs.steps) != len(program.ops):
+                raise FlashmemError(f"the costs given are for another program ({len(costs.steps)} steps, input "
+                                    f"{costs.signature}) than this input's ({len(program.ops)} ops, input "
+                                    f"{program.signature}); make them from this input's program")
+            planner = "solver, costs " + hashlib.sha256(costs.to_json().encode()).hexdigest()[:16]
         cache = PlanCache(cache_dir) if cache_dir is not None else None
-        key = cache_key(program, self.budget_bytes, simple.device, "solver", simple.activation_bytes)
+        key = cache_key(program, self.budget_bytes, simple.device, planner, simple.activation_bytes)
         cached = cache.load(key, program) if cache else None
         if cached is not None:
             plan, self.costs = cached
         else:
-            costs = profile(self, args, kwargs)
+            costs = costs if costs is not None else profile(self, args, kwargs)
             plan = solve_plan(program, costs, budget_bytes=self.budget_bytes, device=simple.device,
                               alignment=simple.alignment, activation_bytes=simple.activation_bytes,
                               granularity=CUDA_GRANULARITY if self.device.type == "cuda" else self._alignment,
