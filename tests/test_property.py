@@ -90,21 +90,27 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def stream_from(model: nn.Module, ids: torch.Tensor, fraction: float, device: str, **kwargs):
+    """(a StreamedModel of a copy of `model`, its budget): from the drawn fraction of its bytes up to what
+    BudgetTooSmall asks for, with released bytes poisoned."""
+    budget = max(1, int(fraction * model_bytes(model)))
+    for _ in range(4):
+        try:
+            sm = flashmem.stream(copy.deepcopy(model), budget, device=device, example_inputs=(ids,), debug=DEBUG,
+                                 **kwargs)
+            return sm, budget
+        except flashmem.BudgetTooSmall as err:
+            assert err.need_bytes > budget
+            budget = err.need_bytes
+    raise AssertionError(f"no budget accepted up to {budget} B")
+
+
 def check_random_network(case, device: str):
     model, ids, fraction = case
     with torch.no_grad():
         ref = model.to(device)(ids.to(device)).clone()
         model.cpu()
-    budget = max(1, int(fraction * model_bytes(model)))
-    for _ in range(4):  # from the drawn fraction up to what BudgetTooSmall asks for
-        try:
-            sm = flashmem.stream(copy.deepcopy(model), budget, device=device, example_inputs=(ids,), debug=DEBUG)
-            break
-        except flashmem.BudgetTooSmall as err:
-            assert err.need_bytes > budget
-            budget = err.need_bytes
-    else:
-        raise AssertionError(f"no budget accepted up to {budget} B")
+    sm, budget = stream_from(model, ids, fraction, device)
     try:
         plan, program = sm.plan, sm.program
         assert not list(find_problems(plan, program))
@@ -133,17 +139,7 @@ def test_random_networks_split_within_budget_and_close(case, split_fraction):
         ref = model(ids).clone()
     head_bytes = model.head.weight.numel() * 4
     split_bytes = max(64, int(split_fraction * head_bytes))
-    budget = max(1, int(fraction * model_bytes(model)))
-    for _ in range(4):
-        try:
-            sm = flashmem.stream(copy.deepcopy(model), budget, device="cpu", example_inputs=(ids,), debug=DEBUG,
-                                 split_bytes=split_bytes)
-            break
-        except flashmem.BudgetTooSmall as err:
-            assert err.need_bytes > budget
-            budget = err.need_bytes
-    else:
-        raise AssertionError(f"no budget accepted up to {budget} B")
+    sm, budget = stream_from(model, ids, fraction, "cpu", split_bytes=split_bytes)
     try:
         assert "head" in sm.split.linears and "embed" in sm.split.embeddings  # the table is as large as the head
         assert not list(find_problems(sm.plan, sm.program))
