@@ -56,6 +56,25 @@ def test_measure_link_on_the_cpu():
     assert link.seconds(2**20) > 0
 
 
+def test_measure_the_mapped_link_on_the_cpu():
+    # The mapped runtime's link: pages of a file in the page cache faulted into a mapping, and dropped again.
+    link = measure_link(torch.device("cpu"), repeats=2, mapped=True)
+    assert "mapping" in link.kind
+    assert link.bandwidth_bytes_per_s > 0 and link.overhead_s >= 0
+    with BackgroundTransfer(torch.device("cpu"), nbytes=2**20, mapped=True) as bg:
+        assert bg.thread.is_alive() and bg.probe is not None
+        folder = bg.probe.tmp.name
+    assert not bg.thread.is_alive() and not os.path.exists(folder)
+
+
+def test_a_mapped_model_is_profiled_on_the_mapped_link(streams):
+    x = make_input("mlp")
+    sm = streams(make_model("mlp"), "64MiB", x, cpu_reads="map")
+    assert sm.cpu_reads == "map"
+    costs = profile(sm, (x,), {}, calls=1)
+    assert "mapping" in costs.link.kind and len(costs.steps) == len(sm.program.ops)
+
+
 def test_background_transfer_on_the_cpu_starts_and_stops():
     with BackgroundTransfer(torch.device("cpu"), nbytes=2**20) as bg:
         assert bg.thread.is_alive()

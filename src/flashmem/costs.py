@@ -72,10 +72,63 @@ def _fit(sizes: list[int], seconds: list[float], kind: str) -> LinkCost:
     return LinkCost(kind, float(1.0 / slope), float(max(intercept, 0.0)))
 
 
-def measure_link(device: torch.device, repeats: int = 7) -> LinkCost:
+class _MappedProbe:
+    """A private mapping of a file of random bytes, whose pages can be faulted in (MADV_POPULATE_READ, as the
+    mapped CPU runtime brings a weight in) and dropped again (MADV_DONTNEED)."""
+
+    def __init__(self, nbytes: int):
+        import mmap
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="flashmem-map-")
+        path = os.path.join(self.tmp.name, "probe")
+        with open(path, "wb") as f:
+            f.write(os.urandom(nbytes))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.nbytes = nbytes
+
+    def populate(self, n: int) -> None:
+        from .store import _MADV_POPULATE_READ, _libc
+
+        if _libc.madvise(self.base.data_ptr(), n, _MADV_POPULATE_READ) != 0:  # an older kernel: touch the pages
+            self.base[:n:4096].sum()
+
+    def drop(self) -> None:
+        import mmap
+
+        self.mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        del self.base
+        self.mm.close()
+        self.tmp.cleanup()
+
+
+def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False) -> LinkCost:
     """Time copies of several sizes (64 KiB to 256 MiB on CUDA, to 64 MiB on the CPU) over the device's weight
-    link and fit overhead + bytes / bandwidth to the medians."""
+    link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the link of the mapped runtime,
+    pages of a file in the page cache faulted into a mapping, instead of `pread` copies."""
     sizes, seconds = [], []
+    if device.type == "cpu" and mapped:
+        probe = _MappedProbe(max(COPY_SIZES))
+        try:
+            probe.populate(probe.nbytes)  # page cache warm, as for weights read every call
+            for n in COPY_SIZES:
+                times = []
+                for _ in range(repeats + 1):
+                    probe.drop()
+                    t0 = time.perf_counter()
+                    probe.populate(n)
+                    times.append(time.perf_counter() - t0)
+                sizes.append(n)
+                seconds.append(statistics.median(times[1:]))
+        finally:
+            probe.close()
+        return _fit(sizes, seconds, "pages of the page cache faulted into a mapping")
     if device.type == "cuda":
         src = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8).pin_memory()
         dst = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8, device=device)
@@ -115,14 +168,15 @@ def measure_link(device: torch.device, repeats: int = 7) -> LinkCost:
 class BackgroundTransfer:
     """Keeps the weight link busy (as loads would) while the model computes, to measure the slowdown."""
 
-    def __init__(self, device: torch.device, nbytes: int = 32 * 2**20):
+    def __init__(self, device: torch.device, nbytes: int = 32 * 2**20, mapped: bool = False):
         self.device = device
         self.stop_flag = threading.Event()
+        self.probe = _MappedProbe(nbytes) if device.type == "cpu" and mapped else None
         if device.type == "cuda":
             self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
             self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
             self.stream = torch.cuda.Stream(device)
-        else:
+        elif self.probe is None:
             self.tmp = tempfile.TemporaryDirectory(prefix="flashmem-bg-")
             self.path = os.path.join(self.tmp.name, "bg")
             with open(self.path, "wb") as f:
@@ -131,7 +185,11 @@ class BackgroundTransfer:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        if self.device.type == "cuda":
+        if self.probe is not None:  # what the mapped runtime's IO thread does: fault pages in, drop them
+            while not self.stop_flag.is_set():
+                self.probe.populate(self.probe.nbytes)
+                self.probe.drop()
+        elif self.device.type == "cuda":
             with torch.cuda.stream(self.stream):
                 while not self.stop_flag.is_set():
                     self.dst.copy_(self.src, non_blocking=True)
@@ -152,7 +210,9 @@ class BackgroundTransfer:
     def __exit__(self, *exc):
         self.stop_flag.set()
         self.thread.join()
-        if self.device.type == "cpu":
+        if self.probe is not None:
+            self.probe.close()
+        elif self.device.type == "cpu":
             self.tmp.cleanup()
 
 
@@ -188,7 +248,8 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
             return [statistics.median(col) for col in zip(*runs)]
 
         quiet = per_step()
-        with BackgroundTransfer(sm.device):
+        mapped = bool(getattr(sm, "_mapped", False))  # on the CPU: pages faulted into mappings, not copies
+        with BackgroundTransfer(sm.device, mapped=mapped):
             busy = per_step()
     finally:
         executor.profiling, executor.mover.serial = False, False
@@ -196,7 +257,7 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
     slow = slowdowns_by_class(classes, quiet, busy)
     steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
-    return CostModel(str(sm.device), program.signature, measure_link(sm.device), steps)
+    return CostModel(str(sm.device), program.signature, measure_link(sm.device, mapped=mapped), steps)
 
 
 def measure_timeline(sm, args: tuple, kwargs: dict) -> "Timeline":
