@@ -29,32 +29,32 @@ def test_from_pretrained_first_call_is_the_trace(llama_folder):
         sm.close()
 
 
-def test_stream_needs_no_example_input():
+@pytest.fixture
+def lazy_gpt2():
+    """(a GPT-2 streamed with lazy_trace at half its bytes, an input, the resident output); closed after."""
     x = make_input("gpt2")
     ref = resident(hf_model("gpt2"), x)
     sm = flashmem.stream(hf_model("gpt2"), model_bytes(hf_model("gpt2")) // 2, lazy_trace=True)
-    try:
-        with torch.no_grad():
-            assert torch.equal(out_of(sm(x)), ref)
-            assert torch.equal(out_of(sm(x)), ref)
-        assert sm.plan.loads
-    finally:
-        sm.close()
+    yield sm, x, ref
+    sm.close()
 
 
-def test_a_first_call_that_fails_leaves_the_next_to_trace():
-    x = make_input("gpt2")
-    ref = resident(hf_model("gpt2"), x)
-    sm = flashmem.stream(hf_model("gpt2"), model_bytes(hf_model("gpt2")) // 2, lazy_trace=True)
-    try:
-        with pytest.raises(IndexError), torch.no_grad():
-            sm(x + 10_000)  # token ids outside the vocabulary: the traced call fails in the embedding
-        assert not sm._plans
-        with torch.no_grad():
-            assert torch.equal(out_of(sm(x)), ref)
-            assert torch.equal(out_of(sm(x)), ref)
-    finally:
-        sm.close()
+def test_stream_needs_no_example_input(lazy_gpt2):
+    sm, x, ref = lazy_gpt2
+    with torch.no_grad():
+        assert torch.equal(out_of(sm(x)), ref)
+        assert torch.equal(out_of(sm(x)), ref)
+    assert sm.plan.loads
+
+
+def test_a_first_call_that_fails_leaves_the_next_to_trace(lazy_gpt2):
+    sm, x, ref = lazy_gpt2
+    with pytest.raises(IndexError), torch.no_grad():
+        sm(x + 10_000)  # token ids outside the vocabulary: the traced call fails in the embedding
+    assert not sm._plans
+    with torch.no_grad():
+        assert torch.equal(out_of(sm(x)), ref)
+        assert torch.equal(out_of(sm(x)), ref)
 
 
 def test_lazy_trace_with_the_solver_is_refused():

@@ -185,7 +185,7 @@ def _blocks(rows: int, row_bytes: int, max_bytes: int) -> list[int]:
     return list(range(0, rows, per_block)) + [rows]
 
 
-def _split_linear(lin: nn.Linear, max_bytes: int) -> tuple[SplitLinear, list[tuple[int, int]]]:
+def _split_linear(lin: nn.Linear, max_bytes: int) -> SplitLinear:
     w = lin.weight
     bounds = _blocks(w.shape[0], w[0].numel() * w.element_size(), max_bytes)
     parts = []
@@ -195,7 +195,7 @@ def _split_linear(lin: nn.Linear, max_bytes: int) -> tuple[SplitLinear, list[tup
         if lin.bias is not None:
             part.bias = nn.Parameter(lin.bias.detach()[a:b], requires_grad=False)
         parts.append(part)
-    return SplitLinear(parts, bounds), list(zip(bounds, bounds[1:]))
+    return SplitLinear(parts, bounds)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -224,8 +224,8 @@ def split_model(model: nn.Module, max_bytes: int) -> Split:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, nn.Linear):
-            new, rows = _split_linear(module, max_bytes)
-            for k, (a, b) in enumerate(rows):
+            new = _split_linear(module, max_bytes)
+            for k, (a, b) in enumerate(zip(new.bounds, new.bounds[1:])):
                 slices[f"{name}.parts.{k}.weight"] = RowSlice(names[id(module.weight)], a, b)
                 if module.bias is not None:
                     slices[f"{name}.parts.{k}.bias"] = RowSlice(names[id(module.bias)], a, b)
