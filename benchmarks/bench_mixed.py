@@ -119,6 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", help="reference outputs and logs (default $TMPDIR/flashmem-bench-mixed[-small])")
     p.add_argument("--split-bytes", help="streamed modes: flashmem.stream(split_bytes=...), for budgets below the "
                                          "largest layer (e.g. 8MiB for neo_125m at 10%%)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="every mode replays CUDA graphs: streamed modes with flashmem.stream(cuda_graphs=True), the "
+                        "resident one captured by hand (resident_graph); the UNet's timestep is then a device tensor")
     p.add_argument("--plot", help="where the ablation plot goes (default $OUT/ablation.png, else the workdir)")
     p.add_argument("--time-limit", type=float, default=470, help="seconds; runs not started by then are skipped "
                    "(a run still going gets at most 30 s more)")
@@ -187,6 +190,42 @@ def build(args):
     return model, inputs, dtype
 
 
+def tensor_timestep(inputs: dict, device) -> dict:
+    """The UNet's timestep as a 0-dim tensor on the device: a Python number becomes a host-to-device copy of
+    pageable memory inside the UNet's forward, which no CUDA graph can capture (same computation)."""
+    import torch
+
+    if isinstance(inputs.get("timestep"), (int, float)):
+        inputs = dict(inputs, timestep=torch.tensor(inputs["timestep"], device=device))
+    return inputs
+
+
+def resident_graph(model, inputs: dict):
+    """The resident model's call as a CUDA graph (warmed on a side stream, captured, replayed with the inputs
+    copied in and the outputs copied out, as flashmem's cuda_graphs=True does): a call at the GPU's pace."""
+    import torch
+    from flashmem.graphs import copy_out
+
+    static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(**static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(**static)
+
+    def call():
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                static[k].copy_(v)
+        graph.replay()
+        return copy_out(out)
+    return call
+
+
 def set_up(args, model, inputs, budget: int, solver_dir: str):
     """The StreamedModel of a streamed mode, on that mode's plan."""
     import flashmem
@@ -195,7 +234,8 @@ def set_up(args, model, inputs, budget: int, solver_dir: str):
     from flashmem.streamed import CUDA_GRANULARITY
 
     split = {"split_bytes": args.split_bytes} if args.split_bytes else {}
-    sm = flashmem.stream(model, budget, device=args.device, example_kwargs=inputs, **split)
+    sm = flashmem.stream(model, budget, device=args.device, example_kwargs=inputs, cuda_graphs=args.cuda_graphs,
+                         **split)
     if args.mode == "solver":
         sm.use_solver((), inputs, settings=SolverSettings(time_limit_s=args.solver_time_limit), cache_dir=solver_dir)
     elif args.mode == "next_layer":
@@ -218,6 +258,8 @@ def child_measure(args) -> dict:
         torch.set_num_threads(args.threads)
     row: dict = {"versions": versions(), "threads": torch.get_num_threads()}
     model, inputs, dtype = build(args)
+    if args.cuda_graphs:
+        inputs = tensor_timestep(inputs, dev)
     total = C.tensor_bytes_where(model, lambda t: True)
     budget = int(args.fraction * total) if args.mode != "resident" else None
     row.update(weight_bytes=total, budget_bytes=budget, dtype=str(dtype))
@@ -229,7 +271,7 @@ def child_measure(args) -> dict:
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="flashmem-bench-mixed-plans-") as solver_dir:
         if args.mode == "resident":
             model.to(dev)
-            call = lambda: model(**inputs)  # noqa: E731
+            call = resident_graph(model, inputs) if args.cuda_graphs else (lambda: model(**inputs))
         else:
             sm = set_up(args, model, inputs, budget, solver_dir)
             call = lambda: sm(**inputs)  # noqa: E731
@@ -263,6 +305,8 @@ def child_measure(args) -> dict:
         row.update(C.compare(out, ref))
         stats = sm.stats
         plan, program = sm.plan, sm.program
+        if args.cuda_graphs:
+            row.update(replays=sm._graphs.replays, graph_refusals=list(sm.graph_refusals.values()))
         row.update(streamed_bytes=stats.streamed_bytes, stall_ms=stats.stall_s * 1e3, fm_peak_bytes=stats.peak_bytes,
                    status=plan.status, note=plan.note, plan=plan.summary(program), arena_bytes=plan.arena_bytes,
                    resident_bytes=plan.resident_bytes, n_ops=len(program.ops), solve_s=plan.solve_s)
@@ -421,7 +465,7 @@ def main(argv=None) -> int:
     common = ["--device", args.device, "--workdir", str(workdir), "--iters", str(args.iters), "--warmup",
               str(args.warmup), "--solver-time-limit", str(args.solver_time_limit)] + (["--small"] if args.small else []) \
         + (["--split-bytes", args.split_bytes] if args.split_bytes else []) \
-        + (["--threads", str(args.threads)] if args.threads else [])
+        + (["--threads", str(args.threads)] if args.threads else []) + (["--cuda-graphs"] if args.cuda_graphs else [])
     out = C.out_dir()
     result = {"script": "bench_mixed.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": [],
               "loadavg_start": os.getloadavg()}

@@ -11,7 +11,7 @@ The data flows trace -> plan -> check -> run: `trace.py` records the ops and the
 independently, `run.py` with `run_cuda.py` / `run_cpu.py` executes it.
 """
 from .errors import (BadBudget, BadModelFolder, BudgetTooSmall, ControlFlowWarning, CorruptWeights,
-                     DeviceUnavailable, FlashmemError, PlanInvalid, TraceMismatch)
+                     DeviceUnavailable, FlashmemError, GraphWarning, PlanInvalid, TraceMismatch)
 from .plan import Load, Plan, Resident
 from .pretrained import from_pretrained
 from .run import CallStats, DebugOptions
@@ -25,5 +25,5 @@ __all__ = [
     "stream", "from_pretrained", "StreamedModel", "Workload", "CallResult", "Plan", "Load", "Resident", "CallStats", "DebugOptions",
     "parse_bytes",
     "fmt_bytes", "FlashmemError", "BudgetTooSmall", "BadBudget", "BadModelFolder", "CorruptWeights", "DeviceUnavailable",
-    "PlanInvalid", "TraceMismatch", "ControlFlowWarning", "__version__",
+    "PlanInvalid", "TraceMismatch", "ControlFlowWarning", "GraphWarning", "__version__",
 ]

@@ -41,5 +41,10 @@ class ControlFlowWarning(UserWarning):
     flashmem completed it correctly by loading the rest of its weights on demand, without prefetching."""
 
 
+class GraphWarning(UserWarning):
+    """With cuda_graphs=True, an input runs eagerly: its capture failed, or its graph would not fit the
+    budget, or its inputs or outputs hold objects a replay cannot refresh (StreamedModel.graph_refusals)."""
+
+
 class PlanInvalid(FlashmemError):
     """A plan failed the independent checker; it is never executed."""

@@ -60,7 +60,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
                     trust_remote_code: bool = False, planner: str = "simple",
                     cache_dir: str | Path | None = None, allow_pickle: bool = False,
                     debug=None, cpu_reads: str = "auto", host_budget=None, split_bytes=None,
-                    lazy_trace: bool = False) -> StreamedModel:
+                    lazy_trace: bool = False, cuda_graphs: bool = False) -> StreamedModel:
     """Stream the model in folder `path` under `budget` on `device`.
 
     example_inputs default to 8 token ids for a model with a vocabulary. `dtype` defaults to the files'
@@ -74,6 +74,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
     the files, and a table read by rows is read from its file (only the rows a call names).
     `lazy_trace=True` returns at once (weights still being read in the background on CUDA) and traces at
     the first call, whose output is the trace's: from storage to a first output takes one forward.
+    `cuda_graphs` is as for `flashmem.stream`.
     """
     path = Path(path)
     if allow_pickle and not list(path.glob("*.safetensors")) and pickle_checkpoints(path):
@@ -132,7 +133,8 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
 
     return build(model, budget, device, example_inputs, example_kwargs, source=source, planner=planner,
                  cache_dir=cache_dir, eager_store=True, debug=debug, cpu_reads=cpu_reads,
-                 host_budget=host_budget, split_bytes=split_bytes, on_split=on_split, lazy_trace=lazy_trace)
+                 host_budget=host_budget, split_bytes=split_bytes, on_split=on_split, lazy_trace=lazy_trace,
+                 cuda_graphs=cuda_graphs)
 
 
 def _locate(names: tuple[str, ...], locations: dict[str, TensorLocation], what: str) -> TensorLocation:

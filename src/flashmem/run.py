@@ -119,6 +119,8 @@ class Executor:
         # forward ended early); it takes over the rest of the call. Without it, TraceMismatch is raised.
         self.on_diverge = None
         self.diverged = False
+        self.ever_diverged = False
+        self.completed_calls = 0  # calls that ran the whole plan (a CUDA graph is captured after one)
 
     def begin(self) -> None:
         self.cursor = 0
@@ -134,7 +136,7 @@ class Executor:
     def diverge(self, op: int, module) -> None:
         """Leave the plan for the rest of this call: the pipeline stops (what the running ops hold stays)
         and `on_diverge` loads the rest on demand."""
-        self.diverged = True
+        self.diverged = self.ever_diverged = True
         self.mover.abort_call(keep=self.held_loads())
         self.on_diverge(op, module)
 
@@ -163,6 +165,7 @@ class Executor:
             self.mover.abort_call()
         else:
             self.mover.end_call()
+            self.completed_calls += 1
 
     def _unbind_all(self) -> None:
         for i in self.entered:

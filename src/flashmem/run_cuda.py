@@ -51,6 +51,23 @@ def warm_math_workspace(device: torch.device) -> int:
     return max(unreleasable_bytes(device) - before, 0)
 
 
+def timing_event() -> torch.cuda.Event:
+    """A CUDA event that times, also inside a captured CUDA graph (an event record node there)."""
+    try:
+        return torch.cuda.Event(enable_timing=True, external=True)
+    except TypeError:  # a PyTorch without external events: graphs are refused (streamed.build)
+        return torch.cuda.Event(enable_timing=True)
+
+
+def graphs_supported() -> bool:
+    """Whether this PyTorch makes events that time inside a captured graph (`timing_event`)."""
+    try:
+        torch.cuda.Event(enable_timing=True, external=True)
+    except TypeError:
+        return False
+    return True
+
+
 def lift_allocator_cap(device: torch.device, saved: float | None) -> None:
     """Undo `cap_allocator` (nothing if `saved` is None); returns None, the state after lifting."""
     if saved is not None:
@@ -76,13 +93,12 @@ class CudaMover:
         self.freed = [torch.cuda.Event() if j in awaited else None for j in range(n)]
         self.groups = self._copy_groups(store)
         self.timing = timing
-        self.t_begin = torch.cuda.Event(enable_timing=True)
-        self.t_end = torch.cuda.Event(enable_timing=True)
+        self.t_begin = timing_event()
+        self.t_end = timing_event()
         self.call_start = torch.cuda.Event()
         # Per op, events before and after its waits: stall = before -> after; compute of step i = after
         # (op i) -> before (op i + 1).
-        self.marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(plan.n_ops)] if timing else []
+        self.marks = [(timing_event(), timing_event()) for _ in range(plan.n_ops)] if timing else []
         self.marked: list[int] = []
         self._stats: CallStats | None = None
         self._pending = None
@@ -90,6 +106,7 @@ class CudaMover:
         self.record_loads = False  # time each copy too (for the measured timeline)
         self.load_marks: list[tuple[tuple[int, ...], torch.cuda.Event, torch.cuda.Event]] = []
         self.copy_tail = torch.cuda.Event()
+        self.capturing = False  # the call in progress is being captured into a CUDA graph (graphs.py)
 
     def _copy_groups(self, store: HostStore) -> dict[int, list[tuple]]:
         """step -> [(dst, src, loads whose release to wait for, loads completed)]. Loads issued at one step
@@ -141,7 +158,9 @@ class CudaMover:
         self.marked = []
         self.load_marks = []
         self.streamed = 0
-        self.copy_tail.record(self.copy_stream)
+        self.capturing = torch.cuda.is_current_stream_capturing()
+        if not self.capturing:  # (captured: recorded below, once the copy stream has joined the capture)
+            self.copy_tail.record(self.copy_stream)
         self.alloc_start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.wall_start = time.perf_counter()
@@ -149,6 +168,8 @@ class CudaMover:
         self.call_start.record(stream)
         # No copy of this call may overwrite arena bytes before earlier compute has read them.
         self.copy_stream.wait_event(self.call_start)
+        if self.capturing:
+            self.copy_tail.record(self.copy_stream)
 
     def issue(self, loads: tuple[int, ...]) -> None:
         step = self.plan.loads[loads[0]].start_step
@@ -162,7 +183,7 @@ class CudaMover:
                 if self.slow_cycles:
                     torch.cuda._sleep(self.slow_cycles)
                 if self.record_loads:
-                    mark = (done, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    mark = (done, timing_event(), timing_event())
                     mark[1].record(self.copy_stream)
                 dst.copy_(src, non_blocking=True)
                 if self.record_loads:
@@ -197,6 +218,10 @@ class CudaMover:
 
     def end_call(self) -> None:
         self._uncap()
+        if self.capturing:  # a captured graph ends with every stream it forked joined to its own
+            joined = torch.cuda.Event()
+            joined.record(self.copy_stream)
+            self.compute.wait_event(joined)
         self.t_end.record(self.compute)
         held = self.plan.arena_bytes + self.plan.fixed_bytes
         activations = torch.cuda.max_memory_allocated(self.device) - self.alloc_start

@@ -7,6 +7,7 @@ An input of a new shape or dtype is traced and planned again; plans are cached b
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -25,10 +26,11 @@ from torch.utils._pytree import tree_map
 
 from .check import check_plan
 from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
+from .graphs import EAGER, GraphRunner
 from .plan import Plan, simple_plan, with_staging
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
-from .run_cuda import CudaMover, StagedCudaMover, warm_math_workspace
+from .run_cuda import CudaMover, StagedCudaMover, graphs_supported, warm_math_workspace
 from .split import Split, row_embeddings, split_model
 from .store import HOST_ALIGNMENT, FileStore, HostStore, MappedFiles, StagedStore, as_bytes
 from .trace import (MappedLoader, ModelWeights, Program, ScratchLoader, Tracer, collect_weights, input_signature,
@@ -40,6 +42,8 @@ CPU_ALIGNMENT = 64
 CUDA_GRANULARITY = 2 * 2**20  # the caching allocator rounds large blocks to 2 MiB
 CUDA_LARGE_SEGMENT = 10 * 2**20  # from this size on, a block's segment is the block (rounded to 2 MiB)
 MAX_PLANS = 8
+OVERLAP = ("this StreamedModel is running a call in another thread; calls on one StreamedModel must not overlap: "
+           "serialise them, or stream one per thread")
 CPU_READS = ("auto", "map", "copy")
 MAP_PAGE_OVERHEAD = 0.01  # "auto" maps the files unless rounding weights to pages costs more than this
 
@@ -102,6 +106,8 @@ class StreamedModel:
         self.compose = None
         self.traced = None
         self._files: MappedFiles | None = None
+        self._graphs = None  # a graphs.GraphRunner with cuda_graphs=True
+        self._graph_thread: int | None = None  # the thread replaying (or capturing) a graph
         self._set_all(lambda w: self._placeholders[w])
 
     @property
@@ -235,6 +241,8 @@ class StreamedModel:
         if cached is not None and cached.plan is plan and self._arena_residents == plan.residents and arena_ok:
             self._executor, self._signature, self._current = cached, program.signature, (program, plan)
             return
+        if self._graphs is not None:
+            self._graphs.drop()  # its pool may not sit beside an arena made anew
         self._ensure_store()
         self._originals = None
         if isinstance(self._store, HostStore):
@@ -410,9 +418,8 @@ class StreamedModel:
     def _call_begin(self, module, args, kwargs):
         me = threading.get_ident()
         with self._state_lock:
-            if self._active and self._active_thread != me:
-                raise FlashmemError("this StreamedModel is running a call in another thread; calls on one "
-                                    "StreamedModel must not overlap: serialise them, or stream one per thread")
+            if (self._active and self._active_thread != me) or self._graph_thread not in (None, me):
+                raise FlashmemError(OVERLAP)
             stale = self._active  # same thread: a call cut off by KeyboardInterrupt left its state behind
             self._active, self._active_thread = True, me
         try:
@@ -421,6 +428,8 @@ class StreamedModel:
                 self._executor.end(failed=True)
             if self._tracer is not None:
                 self._finish_trace(failed=True)
+            if self._graphs is not None and not self._graphs.capturing:
+                self._graphs.drop()  # an eager call: no graph's pool beside its activations
             args, kwargs = tree_map(self._to_device, (args, kwargs))
             self._prepare(args, kwargs)
             if self._tracer is None:
@@ -514,7 +523,39 @@ class StreamedModel:
         return plan
 
     def __call__(self, *args, **kwargs):
+        if self._graphs is not None:
+            out = self._graphs.call(args, kwargs)
+            if out is not EAGER:
+                return out
         return self._guarded(self.model, args, kwargs)
+
+    def _run_eager(self, args: tuple, kwargs: dict):
+        return self._guarded(self.model, args, kwargs)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold this StreamedModel for a graph's replay or capture: no other thread's call overlaps it."""
+        me = threading.get_ident()
+        with self._state_lock:
+            if (self._active and self._active_thread != me) or self._graph_thread not in (None, me):
+                raise FlashmemError(OVERLAP)
+            self._graph_thread = me
+        try:
+            yield
+        finally:
+            self._graph_thread = None
+
+    def _reset_after_capture(self) -> None:
+        """A failed capture may have left its call half done (hooks skipped by a capture error)."""
+        with self._state_lock:
+            active, self._active = self._active, False
+        if active:
+            self._finish_call(failed=True)
+
+    @property
+    def graph_refusals(self) -> dict[str, str]:
+        """With cuda_graphs=True: per input signature that runs eagerly, why (empty: every input replays)."""
+        return dict(self._graphs.refused) if self._graphs is not None else {}
 
     def _guarded(self, fn, args: tuple, kwargs: dict):
         """Call `fn`, ending at once a call of the model that a KeyboardInterrupt cuts off."""
@@ -560,6 +601,9 @@ class StreamedModel:
     def close(self) -> None:
         """Remove the hooks and free the arena and the store. The model's weights went to flashmem's store
         and go with it: a later call of the model raises a FlashmemError that says so."""
+        if self._graphs is not None:
+            self._graphs.drop()
+            self._graphs = None
         for h in self._hooks:
             h.remove()
         # A model whose tensors went to the store (not one given its own tensors back) is left guarded.
@@ -606,7 +650,8 @@ def default_cache_dir() -> Path:
 def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, source,
           planner: str = "simple", cache_dir: str | Path | None = None, eager_store: bool = False,
           debug: DebugOptions | None = None, cpu_reads: str = "auto", hooks=None,
-          host_budget=None, split_bytes=None, on_split=None, lazy_trace: bool = False) -> StreamedModel:
+          host_budget=None, split_bytes=None, on_split=None, lazy_trace: bool = False,
+          cuda_graphs: bool = False) -> StreamedModel:
     """Shared by `stream` and `from_pretrained`: `source(mw, tensors, device, host_budget_bytes)` makes the
     weight store (a `StagedStore` where `host_budget_bytes` is not None), once
     the first plan is made (the trace reads the model's own tensors), or at once with `eager_store` (a model
@@ -627,6 +672,8 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     if host_budget_bytes is not None and device.type != "cuda":
         raise FlashmemError("host_budget applies to CUDA, where weights wait in host memory; on the CPU, RAM is "
                             "the device and `budget` bounds it: leave host_budget out")
+    if cuda_graphs:
+        _graphs_check(device, host_budget_bytes)
     if host_budget_bytes is not None and planner != "simple":
         raise FlashmemError(f"planner {planner!r} does not model the storage link yet; with host_budget use "
                             f"planner='simple'")
@@ -660,6 +707,8 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
         streamed.debug = debug
     if hooks is not None:  # a Workload's composing and harvesting of programs
         hooks(streamed)
+    if cuda_graphs:
+        streamed._graphs = GraphRunner(streamed)
     if eager_store:
         streamed._store, streamed._make_store, streamed._originals = (source(mw, tensors, device, host_budget_bytes),
                                                                        None, None)
@@ -702,6 +751,19 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     if planner == "solver" and streamed.plan.loads:
         streamed.use_solver(args, kwargs, cache_dir=cache_dir or default_cache_dir())
     return streamed
+
+
+def _graphs_check(device: torch.device, host_budget_bytes: int | None) -> None:
+    if device.type != "cuda":
+        raise FlashmemError(f"cuda_graphs=True replays CUDA kernels, but the device is {device}; on the CPU there "
+                            f"are no launches to save: leave cuda_graphs off")
+    if host_budget_bytes is not None:
+        raise FlashmemError("cuda_graphs=True cannot capture a host_budget call (threads read each call's weights "
+                            "from storage while it runs); leave one of them off")
+    if not graphs_supported():
+        raise FlashmemError(f"cuda_graphs=True needs CUDA events that time inside a graph (torch.cuda.Event("
+                            f"external=True)), which torch {torch.__version__} lacks; upgrade PyTorch or leave "
+                            f"cuda_graphs off")
 
 
 def _host_tables(model: nn.Module, spill: bool) -> None:
@@ -760,7 +822,8 @@ def _store_from_tensors(mw: ModelWeights, tensors: list[torch.Tensor], device: t
 def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple | None = None,
            example_kwargs: dict | None = None, planner: str = "simple",
            cache_dir: str | Path | None = None, debug: DebugOptions | None = None,
-           cpu_reads: str = "auto", host_budget=None, split_bytes=None, lazy_trace: bool = False) -> StreamedModel:
+           cpu_reads: str = "auto", host_budget=None, split_bytes=None, lazy_trace: bool = False,
+           cuda_graphs: bool = False) -> StreamedModel:
     """Run `model` under a hard memory `budget` on `device`, streaming weights in during each call.
 
     budget: bytes, or a string such as "512MiB", "1.5GiB", "2GB".
@@ -783,6 +846,11 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     lazy_trace: trace at the first call instead of before returning (example_inputs are then not needed):
     that call computes with every weight loaded on demand and returns the model's output, so a first
     output costs one forward, not two. A budget its plan cannot meet raises BudgetTooSmall from that call.
+    cuda_graphs: CUDA only: from the second call of an input signature on, replay the whole streamed call
+    (kernels, copies and the events between them) as one CUDA graph, so a model of small kernels runs at
+    the GPU's pace instead of the host's (see `flashmem.graphs`). Outputs are the same bits; each replay's
+    outputs are fresh copies. The graph's memory is taken within the budget; an input whose capture fails or
+    does not fit runs eagerly (`graph_refusals` says why, with a GraphWarning).
 
     Outputs are bit-identical (unless split_bytes splits a linear layer) to the model run with all weights
     resident on the same device. The model's
@@ -795,4 +863,4 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     """
     return build(model, budget, device, example_inputs, example_kwargs, source=_store_from_tensors,
                  planner=planner, cache_dir=cache_dir, debug=debug, cpu_reads=cpu_reads, host_budget=host_budget,
-                 split_bytes=split_bytes, lazy_trace=lazy_trace)
+                 split_bytes=split_bytes, lazy_trace=lazy_trace, cuda_graphs=cuda_graphs)

@@ -1,0 +1,204 @@
+"""Run, replayed: a streamed CUDA call captured once as a CUDA graph and replayed at every later call of
+the same input signature (`stream(..., cuda_graphs=True)`).
+
+A model whose kernels are small spends its time on the host: Python, the module hooks that put weights
+in place, and one launch per kernel and per copy. A graph replays the whole call (kernels, the copies on
+the copy stream and the events between them) with one launch, so the call runs at the device's pace.
+
+What a graph holds, and the budget: its private memory pool (the call's activations and its outputs),
+the static inputs it reads, and the outputs cloned at each replay are all taken within the room the plan
+leaves beside the arena (budget - arena - fixed bytes), under the allocator cap, during capture and the
+first replay; a graph that does not fit is given up and that input runs eagerly. At most one graph is
+held at a time: an eager call of any signature (a trace, another input, a profile) drops it first, so
+its pool never sits beside another call's activations.
+
+A graph is captured at the second call of a signature after its plan is made (the first runs eagerly
+and shows the call leaves the traced order nowhere), and is given up for good for a signature whose
+capture fails (a kernel that syncs with the host, an `.item()`, host reads of split embeddings), whose
+inputs hold objects other than tensors and Python scalars, or whose graph did not fit; `refused` says why.
+Like `torch.compile(mode="reduce-overhead")`, a replay runs the kernels of the capture: a forward whose
+work depends on Python state other than its arguments needs eager mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .errors import GraphWarning
+from .run_cuda import cap_allocator, lift_allocator_cap, unreleasable_bytes
+from .trace import input_signature
+from .units import fmt_bytes
+
+EAGER = object()  # GraphRunner.call's answer where the call should run eagerly
+CAPTURES_PER_SIGNATURE = 3  # a signature whose graph is dropped and captured again this often stays eager
+
+
+@dataclass
+class _Graph:
+    key: tuple
+    executor: object
+    graph: torch.cuda.CUDAGraph
+    static_leaves: list  # the inputs the graph reads (tensors) and the call's other leaves
+    out: Any  # the graph's outputs, in its pool, overwritten by each replay
+    pending: tuple  # the capture's (peak bytes, streamed bytes), for the mover's stats
+    marked: list[int]  # ops whose waits the capture timed
+    load_marks: list
+    held_bytes: int = 0  # reserved memory the graph holds: its pool, the static inputs
+
+
+def copy_out(obj):
+    """A copy of a call's output whose tensors are clones (tensors, tuples, lists, dicts and the dataclass
+    dicts of transformers' ModelOutput and diffusers' BaseOutput); anything else cannot be copied out."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if obj is None or isinstance(obj, (int, float, bool, str)):
+        return obj
+    if isinstance(obj, dict):
+        items = {k: copy_out(v) for k, v in obj.items()}
+        return type(obj)(**items) if dataclasses.is_dataclass(obj) else type(obj)(items)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(copy_out(v) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(copy_out(v) for v in obj)
+    raise _Refused(f"its output holds a {type(obj).__qualname__}, which a replay cannot copy out (a KV cache? "
+                   f"call with use_cache=False)")
+
+
+def _uncapturable(leaves: list) -> str | None:
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.requires_grad and torch.is_grad_enabled():
+                return "an input requires grad (graphs here replay inference calls)"
+        elif not isinstance(leaf, (int, float, bool, str, type(None))):
+            return (f"an input holds a {type(leaf).__qualname__}, which a replay cannot refresh (only tensors "
+                    f"and Python scalars)")
+    return None
+
+
+class GraphRunner:
+    """Captures and replays one StreamedModel's calls (see the module's docstring)."""
+
+    def __init__(self, sm):
+        self.sm = sm
+        self.graph: _Graph | None = None
+        self.refused: dict[str, str] = {}  # input signature -> why it runs eagerly
+        self.captures: dict[str, int] = {}
+        self.capturing = False
+        self.stream = torch.cuda.Stream(sm.device)
+        self.replays = 0  # calls answered by a replay
+
+    # -- the StreamedModel's entry points ----------------------------------------------------------------
+    def call(self, args: tuple, kwargs: dict):
+        """The call's output from a graph, or EAGER where the call runs through the hooks instead."""
+        sm = self.sm
+        args, kwargs = tree_map(sm._to_device, (args, kwargs))
+        signature = input_signature(args, kwargs)
+        if signature in self.refused or signature not in sm._plans:
+            return EAGER
+        leaves, spec = tree_flatten((args, kwargs))
+        reason = _uncapturable(leaves)
+        if reason is not None:
+            self._refuse(signature, reason)
+            return EAGER
+        if signature != sm._signature:
+            self.drop()  # the arena may change for that plan: no pool may sit beside it
+        with sm._exclusive():
+            sm._prepare(args, kwargs)
+            executor = sm._executor
+            mover = executor.mover
+            key = (signature, executor.profiling, mover.serial, mover.record_loads)
+            entry = self.graph
+            if entry is not None and entry.key == key and entry.executor is executor:
+                return self._replay(entry, leaves)
+            if executor.completed_calls < 1 or executor.ever_diverged:
+                return EAGER
+            if self.captures.get(signature, 0) >= CAPTURES_PER_SIGNATURE:
+                self._refuse(signature, f"its graph was dropped and captured {CAPTURES_PER_SIGNATURE} times (calls "
+                                        f"of other inputs in between drop it); it runs eagerly from now on")
+                return EAGER
+            self.drop()
+            return self._capture(signature, key, executor, leaves, spec)
+
+    def drop(self) -> None:
+        """Give the graph and its pool back (before an eager call, or at close)."""
+        if self.graph is None or self.capturing:
+            return
+        entry, self.graph = self.graph, None
+        entry.graph.reset()
+        del entry
+        torch.cuda.empty_cache()
+
+    # -- capture and replay ------------------------------------------------------------------------------
+    def _refuse(self, signature: str, reason: str) -> None:
+        if signature not in self.refused:
+            self.refused[signature] = reason
+            warnings.warn(GraphWarning(f"cuda_graphs: input {signature} runs eagerly: {reason}"), stacklevel=4)
+
+    def _capture(self, signature: str, key: tuple, executor, leaves: list, spec):
+        sm, dev = self.sm, self.sm.device
+        plan = executor.plan
+        self.captures[signature] = self.captures.get(signature, 0) + 1
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        room = plan.budget_bytes - plan.arena_bytes - plan.fixed_bytes
+        before = torch.cuda.memory_reserved(dev)
+        saved = cap_allocator(dev, unreleasable_bytes(dev) + max(room, 0))
+        entry = graph = out = static = static_args = static_kwargs = None
+        try:
+            static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+            static_args, static_kwargs = tree_unflatten(static, spec)
+            graph = torch.cuda.CUDAGraph()
+            self.capturing = True
+            try:
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                    out = sm._run_eager(static_args, static_kwargs)
+            finally:
+                self.capturing = False
+            if executor.ever_diverged:
+                raise _Refused("the captured call left the traced order")
+            copy_out(out)  # refuses an output it cannot copy (before the first replay)
+            mover = executor.mover
+            entry = _Graph(key, executor, graph, static, out, mover._pending, list(mover.marked),
+                           list(mover.load_marks))
+            result = self._replay(entry, leaves, fresh=True)
+            torch.cuda.synchronize(dev)
+        except Exception as err:  # noqa: BLE001 - any capture failure: the call runs eagerly (and fails there if it must)
+            entry = graph = out = static = static_args = static_kwargs = None  # the pool goes with them
+            torch.cuda.synchronize(dev)
+            lift_allocator_cap(dev, saved)
+            saved = None
+            torch.cuda.empty_cache()
+            why = str(err) if isinstance(err, _Refused) else (
+                f"its capture failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+            if isinstance(err, torch.OutOfMemoryError):
+                why = (f"its graph (pool, static inputs and outputs) needs more than the {fmt_bytes(room)} the "
+                       f"budget leaves beside the arena; raise the budget by the graph's pool to replay it")
+            self._refuse(signature, why)
+            sm._reset_after_capture()
+            return EAGER
+        finally:
+            lift_allocator_cap(dev, saved)
+        entry.held_bytes = torch.cuda.memory_reserved(dev) - before
+        self.graph = entry
+        return result
+
+    def _replay(self, entry: _Graph, leaves: list, fresh: bool = False):
+        if not fresh:
+            for dst, src in zip(entry.static_leaves, leaves):
+                if isinstance(dst, torch.Tensor):
+                    dst.copy_(src)
+        mover = entry.executor.mover
+        mover._stats, mover._pending = None, entry.pending
+        mover.marked, mover.load_marks = list(entry.marked), list(entry.load_marks)
+        entry.graph.replay()
+        self.replays += 1
+        return copy_out(entry.out)
+
+
+class _Refused(Exception):
+    """A capture that worked but cannot be replayed."""

@@ -1,0 +1,203 @@
+"""CUDA graphs (`cuda_graphs=True`): a replayed streamed call gives the same bits as the resident model, with
+fresh inputs at every call and outputs that later replays leave alone; the graph's memory stays within the
+budget; inputs that cannot be captured run eagerly, exactly, with a GraphWarning saying why; profiles and
+the solver's plan work on replays.
+
+Skipped where torch.cuda.is_available() is False (the CPU refusal is in test_errors-style tests at the end,
+which run everywhere).
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import flashmem
+from flashmem.units import fmt_bytes
+
+from conftest import hf_model, model_bytes, out_of
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+MiB = 2**20
+VOCAB = 8192
+
+
+def build():
+    """A GPT-Neo shape of about 60 MB in fp16 (same weights on every build)."""
+    return hf_model("neo", seed=0, vocab_size=VOCAB, max_position_embeddings=128, hidden_size=512, num_layers=6,
+                    num_heads=8, attention_types=[[["global", "local"], 3]], window_size=8).half()
+
+
+def token_ids(n: int, seq: int = 24, seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, seq), generator=g).cuda() for _ in range(n)]
+
+
+def settle() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def refs():
+    model = build()
+    xs = token_ids(3) + token_ids(2, seq=12, seed=5)
+    model.cuda()
+    with torch.no_grad():
+        outs = [out_of(model(x, use_cache=False)).clone() for x in xs]
+    model.cpu()
+    del model
+    settle()
+    return dict(nbytes=model_bytes(build()), xs=xs, refs=outs)
+
+
+def stream_graphed(refs, fraction: float = 0.5, **kw):
+    return flashmem.stream(build(), int(fraction * refs["nbytes"]), device="cuda",
+                           example_inputs=(refs["xs"][0],), example_kwargs={"use_cache": False},
+                           cuda_graphs=True, **kw)
+
+
+@cuda
+def test_cuda_graphs_replays_are_exact_with_fresh_inputs_within_the_budget(refs):
+    settle()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    budget = int(0.5 * refs["nbytes"])
+    sm = stream_graphed(refs)
+    try:
+        assert sm.plan.loads, "the budget must make the plan stream"
+        peaks, kept = [torch.cuda.max_memory_reserved()], []
+        for i in range(7):
+            j = i % 3  # three inputs of one shape: one graph, its static inputs refreshed each call
+            with torch.no_grad():
+                out = out_of(sm(refs["xs"][j], use_cache=False))
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_reserved())
+            assert torch.equal(out, refs["refs"][j]), f"call {i}"
+            if i < 3:
+                kept.append((out, j))  # held across later replays: a replay must not overwrite it
+            del out
+        for out, j in kept:
+            assert torch.equal(out, refs["refs"][j])
+        assert sm._graphs.replays >= 5 and sm.graph_refusals == {}
+        stats = sm.stats
+        assert stats.streamed_bytes == sm.plan.streamed_bytes > 0
+        assert 0 < stats.wall_s and 0 <= stats.stall_s <= stats.wall_s
+        assert sm.plan.arena_bytes <= stats.peak_bytes <= budget
+        held = sm._graphs.graph.held_bytes
+        assert 0 < held <= budget - sm.plan.arena_bytes - sm.plan.fixed_bytes
+        kept.clear()
+        growth = max(peaks) - before
+        assert growth <= budget, f"reserved memory grew by {fmt_bytes(growth)} at a budget of {fmt_bytes(budget)}"
+    finally:
+        sm.close()
+        settle()
+
+
+@cuda
+def test_cuda_graphs_alternating_inputs_drop_the_graph_then_stay_eager_exactly(refs):
+    """Two signatures of one shape (use_cache given, or also return_dict) share the arena's layout, so each
+    keeps its executor; each switch drops the other's graph, and after three captures each signature stays
+    eager, with a GraphWarning."""
+    sm = stream_graphed(refs)
+    kinds = [{"use_cache": False}, {"use_cache": False, "return_dict": True}]
+    try:
+        with pytest.warns(flashmem.GraphWarning, match="captured 3 times"):
+            for i in range(14):
+                with torch.no_grad():
+                    out = out_of(sm(refs["xs"][i % 3], **kinds[i % 2]))
+                assert torch.equal(out, refs["refs"][i % 3]), f"call {i}"
+        reasons = sm.graph_refusals
+        assert len(reasons) == 2 and all("captured 3 times" in why for why in reasons.values()), reasons
+        assert sm._graphs.replays >= 5
+    finally:
+        sm.close()
+        settle()
+
+
+class HostSync(nn.Module):
+    """A forward that reads a value on the host (.item()): no graph can hold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(256, 256)
+        self.b = nn.Linear(256, 256)
+
+    def forward(self, x):
+        h = self.a(x)
+        scale = float(h.abs().max().item())
+        return self.b(h / scale)
+
+
+@cuda
+def test_cuda_graphs_a_host_sync_runs_eagerly_and_exactly():
+    torch.manual_seed(0)
+    model = HostSync().half().eval()
+    x = torch.randn(8, 256, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        ref = model.cuda()(x).clone()
+    model.cpu()
+    sm = flashmem.stream(model, 200_000 + 48 * MiB, device="cuda", example_inputs=(x,), cuda_graphs=True)
+    try:
+        with torch.no_grad():
+            outs = [sm(x)]
+            with pytest.warns(flashmem.GraphWarning, match="capture failed"):
+                outs.append(sm(x))
+            outs += [sm(x) for _ in range(2)]
+        assert all(torch.equal(o, ref) for o in outs)
+        assert sm._graphs.replays == 0 and list(sm.graph_refusals.values())[0].startswith("its capture failed")
+    finally:
+        sm.close()
+        settle()
+
+
+@cuda
+def test_cuda_graphs_output_with_a_kv_cache_runs_eagerly(refs):
+    sm = stream_graphed(refs)
+    try:
+        with torch.no_grad():
+            out = out_of(sm(refs["xs"][0], use_cache=True))
+            with pytest.warns(flashmem.GraphWarning, match="use_cache=False"):
+                out = out_of(sm(refs["xs"][0], use_cache=True))
+        assert torch.equal(out, refs["refs"][0])
+    finally:
+        sm.close()
+        settle()
+
+
+@cuda
+def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
+    pytest.importorskip("ortools")
+    from flashmem.costs import profile
+
+    sm = stream_graphed(refs)
+    try:
+        kwargs = {"use_cache": False}
+        costs = profile(sm, (refs["xs"][0],), kwargs)
+        assert len(costs.steps) == len(sm.program.ops) and all(s.compute_s > 0 for s in costs.steps)
+        assert sm._graphs.replays > 0  # the profile's calls were replays of a profiling graph
+        plan = sm.use_solver((refs["xs"][0],), kwargs, cache_dir=tmp_path)
+        assert plan.status in ("optimal", "feasible", "fallback")
+        replays = sm._graphs.replays
+        for j in range(3):
+            with torch.no_grad():
+                assert torch.equal(out_of(sm(refs["xs"][j], use_cache=False)), refs["refs"][j])
+        assert sm._graphs.replays >= replays + 1 and sm.graph_refusals == {}
+    finally:
+        sm.close()
+        settle()
+
+
+def test_cuda_graphs_refused_off_cuda():
+    with pytest.raises(flashmem.FlashmemError, match="cuda_graphs=True replays CUDA kernels"):
+        flashmem.stream(nn.Linear(4, 4), "1MiB", device="cpu", example_inputs=(torch.ones(1, 4),), cuda_graphs=True)
+
+
+@cuda
+def test_cuda_graphs_refused_with_a_host_budget():
+    with pytest.raises(flashmem.FlashmemError, match="cannot capture a host_budget call"):
+        flashmem.stream(nn.Linear(4, 4), "64MiB", device="cuda", example_inputs=(torch.ones(1, 4),),
+                        host_budget="1MiB", cuda_graphs=True)
