@@ -125,11 +125,15 @@ def run_model(name: str, args) -> tuple[list[dict], str]:
                 graphs = variant == "graphs"
                 model, _, _ = B.build(bargs)  # a closed StreamedModel keeps the model's weights
                 sm = flashmem.stream(model, budget, device=args.device, example_kwargs=inputs, cuda_graphs=graphs)
+                if args.no_marks:  # no per-op timing events (stall_ms then reads 0)
+                    sm._executor.mover.timing = False
                 try:
                     row = dict(model=name, budget=f"{f:.0%}", budget_bytes=budget, graphs=graphs, **plan_counts(sm))
                     row.update(measure(lambda: sm(**inputs), dev, args.iters, sm))
                     if graphs:
-                        row.update(replays=sm._graphs.replays, refusals=list(sm.graph_refusals.values()))
+                        row.update(replays=sm._graphs.replays, refusals=list(sm.graph_refusals.values()),
+                                   graph_held_mib=sm._graphs.graph.held_bytes / 2**20 if sm._graphs.graph else None,
+                                   reserve_mib=sm.plan.activation_bytes / 2**20)
                     rows.append(row)
                     if f == fractions[-1] and args.profile_calls and not graphs:
                         prof = cProfile.Profile()
@@ -158,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="eager,graphs", help="eager (hooks, one launch per kernel), graphs "
                    "(cuda_graphs=True; the resident row captured by hand), or both")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-marks", action="store_true", help="streamed rows time no op (only the call)")
     p.add_argument("--device", default="cuda", help="cpu with --small: a logic check of this script")
     p.add_argument("--small", action="store_true", help="bench_mixed's tiny models")
     args = p.parse_args(argv)
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
     for prof in profiles:
         print(prof)
     keys = ["model", "budget", "graphs", "wall_ms", "host_ms", "stall_ms", "retries", "mallocs", "frees", "empty_cache",
-            "loads", "copies", "waits", "replays"]
+            "loads", "copies", "waits", "replays", "graph_held_mib", "reserve_mib"]
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     print(C.markdown_table(keys, [[fmt(r.get(k)) for k in keys] if "error" not in r else
                                   [r["model"], r["budget"], r["error"]] + [""] * (len(keys) - 3) for r in rows]))

@@ -25,9 +25,15 @@ VOCAB = 8192
 
 
 def build():
-    """A GPT-Neo shape of about 60 MB in fp16 (same weights on every build)."""
-    return hf_model("neo", seed=0, vocab_size=VOCAB, max_position_embeddings=128, hidden_size=512, num_layers=6,
-                    num_heads=8, attention_types=[[["global", "local"], 3]], window_size=8).half()
+    """A GPT-Neo shape of about 170 MB in fp16 (same weights on every build)."""
+    return hf_model("neo", seed=0, vocab_size=VOCAB, max_position_embeddings=128, hidden_size=1024, num_layers=6,
+                    num_heads=16, attention_types=[[["global", "local"], 3]], window_size=8).half()
+
+
+def graph_budget(refs, fraction: float = 0.5) -> int:
+    """`fraction` of the weights plus what flashmem's own stream's cuBLAS workspace takes (32 MiB on Hopper),
+    made when the model is streamed with graphs."""
+    return int(fraction * refs["nbytes"]) + 36 * MiB
 
 
 def token_ids(n: int, seq: int = 24, seed: int = 3) -> list[torch.Tensor]:
@@ -55,7 +61,7 @@ def refs():
 
 
 def stream_graphed(refs, fraction: float = 0.5, **kw):
-    return flashmem.stream(build(), int(fraction * refs["nbytes"]), device="cuda",
+    return flashmem.stream(build(), graph_budget(refs, fraction), device="cuda",
                            example_inputs=(refs["xs"][0],), example_kwargs={"use_cache": False},
                            cuda_graphs=True, **kw)
 
@@ -65,7 +71,7 @@ def test_cuda_graphs_replays_are_exact_with_fresh_inputs_within_the_budget(refs)
     settle()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_reserved()
-    budget = int(0.5 * refs["nbytes"])
+    budget = graph_budget(refs)
     sm = stream_graphed(refs)
     try:
         assert sm.plan.loads, "the budget must make the plan stream"

@@ -38,6 +38,13 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def page_aligned_bytes(nbytes: int) -> torch.Tensor:
+    """A host uint8 tensor of `nbytes` (at least 1) whose storage starts on a page: an anonymous mapping.
+    Registered with CUDA from its start, PyTorch then sees it as pinned (`is_pinned` asks about the
+    storage's first byte), which a copy captured into a CUDA graph requires."""
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
+
+
 class HostStore:
     """All weights in one host buffer registered with CUDA as pinned memory, each at a `HOST_ALIGNMENT`-
     aligned offset, in chunks (runs of whole weights of about PIN_CHUNK_BYTES) that start on a page.
@@ -63,9 +70,7 @@ class HostStore:
         self.nbytes = nbytes_per_weight
         self.total_bytes = total
         # page-aligned, so that chunks registered one by one never share a page
-        raw = torch.empty(max(total, 1) + PAGE_BYTES, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE_BYTES
-        self.buffer = raw[start:start + max(total, 1)]
+        self.buffer = page_aligned_bytes(total)
         self._pinned: list[int] = []  # buffer offsets of the registered ranges
         self._pin_lock = threading.Lock()
         if pin_now:
@@ -199,9 +204,7 @@ class StagedStore:
         self.nbytes = files.nbytes
         self.total_bytes = files.total_bytes
         self.ring_bytes = ring_bytes
-        raw = torch.empty(max(ring_bytes, 1) + PAGE_BYTES, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE_BYTES
-        self.ring = raw[start:start + max(ring_bytes, 1)]
+        self.ring = page_aligned_bytes(ring_bytes)
         self._pinned = False
         if torch.cuda.is_available() and ring_bytes > 0:
             err = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), ring_bytes, 0)

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_map
 
 from .check import check_plan
 from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
-from .graphs import EAGER, GraphRunner
+from .graphs import EAGER, GraphRunner, graph_reserve_bytes, tensor_bytes
 from .plan import Plan, simple_plan, with_staging
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
@@ -108,6 +108,8 @@ class StreamedModel:
         self._files: MappedFiles | None = None
         self._graphs = None  # a graphs.GraphRunner with cuda_graphs=True
         self._graph_thread: int | None = None  # the thread replaying (or capturing) a graph
+        self._trace_input_bytes = 0
+        self._graph_io_bytes = 0  # with graphs: the last trace's input and output bytes (its graph's static ones)
         self._set_all(lambda w: self._placeholders[w])
 
     @property
@@ -216,9 +218,10 @@ class StreamedModel:
 
     def _plan(self, program: Program) -> Plan:
         cuda = self.device.type == "cuda"
+        extra = graph_reserve_bytes(self._graph_io_bytes, program.activation_bytes) if self._graphs else 0
         plan = simple_plan(program, budget_bytes=self.budget_bytes, device=str(self.device),
                            alignment=self._alignment,
-                           activation_bytes=activation_reserve(program.activation_bytes) if cuda else 0,
+                           activation_bytes=activation_reserve(program.activation_bytes + extra) if cuda else 0,
                            granularity=CUDA_GRANULARITY if cuda else self._alignment)
         if self._host_budget_bytes is not None:  # the storage link: loads pass through the host's ring
             plan = with_staging(plan, self._host_budget_bytes, HOST_ALIGNMENT)
@@ -432,6 +435,8 @@ class StreamedModel:
                 self._graphs.drop()  # an eager call: no graph's pool beside its activations
             args, kwargs = tree_map(self._to_device, (args, kwargs))
             self._prepare(args, kwargs)
+            if self._graphs is not None and self._tracer is not None:
+                self._trace_input_bytes = tensor_bytes((args, kwargs))
             if self._tracer is None:
                 self._executor.begin()
         except BaseException:
@@ -442,6 +447,9 @@ class StreamedModel:
     def _call_end(self, module, args, result):
         if not self._active or self._active_thread != threading.get_ident():
             return None  # not our call: e.g. the end of a call refused because another thread runs one
+        if self._graphs is not None and self._tracer is not None and result is not None:
+            # The plan of a graphed input reserves its static inputs and output copies beside the activations.
+            self._graph_io_bytes = self._trace_input_bytes + tensor_bytes(result)
         self._active = False
         self._finish_call(failed=result is None and sys.exc_info()[1] is not None)
         return None
@@ -558,9 +566,19 @@ class StreamedModel:
         return dict(self._graphs.refused) if self._graphs is not None else {}
 
     def _guarded(self, fn, args: tuple, kwargs: dict):
-        """Call `fn`, ending at once a call of the model that a KeyboardInterrupt cuts off."""
+        """Call `fn`, ending at once a call of the model that a KeyboardInterrupt cuts off. With graphs, on
+        flashmem's stream (the one graphs are captured on, whose math workspace the plan counts), ordered
+        after the caller's stream's work and before its later work."""
         try:
-            return fn(*args, **kwargs)
+            if self._graphs is None or self._graphs.capturing:
+                return fn(*args, **kwargs)
+            own, caller = self._graphs.stream, torch.cuda.current_stream(self.device)
+            own.wait_stream(caller)
+            try:
+                with torch.cuda.stream(own):
+                    return fn(*args, **kwargs)
+            finally:
+                caller.wait_stream(own)
         except BaseException:
             self._end_cut_off_call()
             raise
@@ -693,7 +711,12 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
         _host_budget_check(mw, host_budget_bytes)
     # Buffers stream like parameters; what stays on the device beside the arena is the math libraries'
     # workspace, made here (before the trace measures activations) where it does not exist yet.
-    fixed_bytes = warm_math_workspace(device) if device.type == "cuda" else 0
+    if cuda_graphs:  # every call runs on a stream of flashmem's, which graphs can be captured on
+        graph_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(graph_stream):
+            fixed_bytes = warm_math_workspace(device)
+    else:
+        fixed_bytes = warm_math_workspace(device) if device.type == "cuda" else 0
     try:
         _static_check(mw, budget_bytes, fixed_bytes)
     except BudgetTooSmall as err:
@@ -708,7 +731,7 @@ def build(model: nn.Module, budget, device, example_inputs, example_kwargs, *, s
     if hooks is not None:  # a Workload's composing and harvesting of programs
         hooks(streamed)
     if cuda_graphs:
-        streamed._graphs = GraphRunner(streamed)
+        streamed._graphs = GraphRunner(streamed, graph_stream)
     if eager_store:
         streamed._store, streamed._make_store, streamed._originals = (source(mw, tensors, device, host_budget_bytes),
                                                                        None, None)
