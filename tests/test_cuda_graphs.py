@@ -3,8 +3,7 @@ fresh inputs at every call and outputs that later replays leave alone; the graph
 budget; inputs that cannot be captured run eagerly, exactly, with a GraphWarning saying why; profiles and
 the solver's plan work on replays.
 
-Skipped where torch.cuda.is_available() is False (the CPU refusal is in test_errors-style tests at the end,
-which run everywhere).
+Skipped where torch.cuda.is_available() is False, except the refusal off CUDA, which runs everywhere.
 """
 from __future__ import annotations
 
@@ -17,28 +16,29 @@ from torch import nn
 import flashmem
 from flashmem.units import fmt_bytes
 
-from conftest import hf_model, model_bytes, out_of
+from conftest import model_bytes
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 MiB = 2**20
-VOCAB = 8192
 
 
 def build():
-    """A GPT-Neo shape of about 170 MB in fp16 (same weights on every build)."""
-    return hf_model("neo", seed=0, vocab_size=VOCAB, max_position_embeddings=128, hidden_size=1024, num_layers=6,
-                    num_heads=16, attention_types=[[["global", "local"], 3]], window_size=8).half()
+    """A ViT encoder of about 150 MB in fp16 (same weights on every build); its forward captures whole."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=1024, num_hidden_layers=6, num_attention_heads=16, intermediate_size=4096,
+                       image_size=64, patch_size=8)
+    return ViTModel(config, add_pooling_layer=False).half().eval()
 
 
-def graph_budget(refs, fraction: float = 0.5) -> int:
-    """`fraction` of the weights plus what flashmem's own stream's cuBLAS workspace takes (32 MiB on Hopper),
-    made when the model is streamed with graphs."""
-    return int(fraction * refs["nbytes"]) + 36 * MiB
+def hidden(out) -> torch.Tensor:
+    return out.last_hidden_state
 
 
-def token_ids(n: int, seq: int = 24, seed: int = 3) -> list[torch.Tensor]:
+def images(n: int, batch: int = 2, seed: int = 3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (2, seq), generator=g).cuda() for _ in range(n)]
+    return [torch.randn(batch, 3, 64, 64, generator=g).half().cuda() for _ in range(n)]
 
 
 def settle() -> None:
@@ -50,19 +50,24 @@ def settle() -> None:
 @pytest.fixture(scope="module")
 def refs():
     model = build()
-    xs = token_ids(3) + token_ids(2, seq=12, seed=5)
+    xs = images(3) + images(2, batch=1, seed=5)
     model.cuda()
     with torch.no_grad():
-        outs = [out_of(model(x, use_cache=False)).clone() for x in xs]
+        outs = [hidden(model(x)).clone() for x in xs]
     model.cpu()
     del model
     settle()
     return dict(nbytes=model_bytes(build()), xs=xs, refs=outs)
 
 
+def graph_budget(refs, fraction: float = 0.5) -> int:
+    """`fraction` of the weights plus what flashmem's own stream's cuBLAS workspace takes (32 MiB on Hopper),
+    made when the model is streamed with graphs."""
+    return int(fraction * refs["nbytes"]) + 36 * MiB
+
+
 def stream_graphed(refs, fraction: float = 0.5, **kw):
-    return flashmem.stream(build(), graph_budget(refs, fraction), device="cuda",
-                           example_inputs=(refs["xs"][0],), example_kwargs={"use_cache": False},
+    return flashmem.stream(build(), graph_budget(refs, fraction), device="cuda", example_inputs=(refs["xs"][0],),
                            cuda_graphs=True, **kw)
 
 
@@ -79,7 +84,7 @@ def test_cuda_graphs_replays_are_exact_with_fresh_inputs_within_the_budget(refs)
         for i in range(7):
             j = i % 3  # three inputs of one shape: one graph, its static inputs refreshed each call
             with torch.no_grad():
-                out = out_of(sm(refs["xs"][j], use_cache=False))
+                out = hidden(sm(refs["xs"][j]))
             torch.cuda.synchronize()
             peaks.append(torch.cuda.max_memory_reserved())
             assert torch.equal(out, refs["refs"][j]), f"call {i}"
@@ -105,16 +110,16 @@ def test_cuda_graphs_replays_are_exact_with_fresh_inputs_within_the_budget(refs)
 
 @cuda
 def test_cuda_graphs_alternating_inputs_drop_the_graph_then_stay_eager_exactly(refs):
-    """Two signatures of one shape (use_cache given, or also return_dict) share the arena's layout, so each
-    keeps its executor; each switch drops the other's graph, and after three captures each signature stays
-    eager, with a GraphWarning."""
+    """Two signatures of one shape (interpolate_pos_encoding left out, or given) share the arena's layout, so
+    each keeps its executor; each switch drops the other's graph, and after three captures each signature
+    stays eager, with a GraphWarning."""
     sm = stream_graphed(refs)
-    kinds = [{"use_cache": False}, {"use_cache": False, "return_dict": True}]
+    kinds = [{}, {"interpolate_pos_encoding": False}]
     try:
         with pytest.warns(flashmem.GraphWarning, match="captured 3 times"):
             for i in range(14):
                 with torch.no_grad():
-                    out = out_of(sm(refs["xs"][i % 3], **kinds[i % 2]))
+                    out = hidden(sm(refs["xs"][i % 3], **kinds[i % 2]))
                 assert torch.equal(out, refs["refs"][i % 3]), f"call {i}"
         reasons = sm.graph_refusals
         assert len(reasons) == 2 and all("captured 3 times" in why for why in reasons.values()), reasons
@@ -160,15 +165,38 @@ def test_cuda_graphs_a_host_sync_runs_eagerly_and_exactly():
         settle()
 
 
+class Box:
+    """An output type no replay can copy out."""
+
+    def __init__(self, t):
+        self.t = t
+
+
+class Boxed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return Box(self.a(x))
+
+
 @cuda
-def test_cuda_graphs_output_with_a_kv_cache_runs_eagerly(refs):
-    sm = stream_graphed(refs)
+def test_cuda_graphs_an_opaque_output_runs_eagerly():
+    torch.manual_seed(0)
+    model = Boxed().half().eval()
+    x = torch.randn(8, 256, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        ref = model.cuda()(x).t.clone()
+    model.cpu()
+    sm = flashmem.stream(model, 200_000 + 48 * MiB, device="cuda", example_inputs=(x,), cuda_graphs=True)
     try:
         with torch.no_grad():
-            out = out_of(sm(refs["xs"][0], use_cache=True))
-            with pytest.warns(flashmem.GraphWarning, match="use_cache=False"):
-                out = out_of(sm(refs["xs"][0], use_cache=True))
-        assert torch.equal(out, refs["refs"][0])
+            outs = [sm(x)]
+            with pytest.warns(flashmem.GraphWarning, match="holds a Box, which a replay cannot copy out"):
+                outs.append(sm(x))
+            outs.append(sm(x))
+        assert all(torch.equal(o.t, ref) for o in outs) and sm._graphs.replays == 0
     finally:
         sm.close()
         settle()
@@ -181,7 +209,7 @@ def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
 
     sm = stream_graphed(refs)
     try:
-        kwargs = {"use_cache": False}
+        kwargs = {}
         costs = profile(sm, (refs["xs"][0],), kwargs)
         assert len(costs.steps) == len(sm.program.ops) and all(s.compute_s > 0 for s in costs.steps)
         assert sm._graphs.replays > 0  # the profile's calls were replays of a profiling graph
@@ -190,7 +218,7 @@ def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
         replays = sm._graphs.replays
         for j in range(3):
             with torch.no_grad():
-                assert torch.equal(out_of(sm(refs["xs"][j], use_cache=False)), refs["refs"][j])
+                assert torch.equal(hidden(sm(refs["xs"][j])), refs["refs"][j])
         assert sm._graphs.replays >= replays + 1 and sm.graph_refusals == {}
     finally:
         sm.close()
