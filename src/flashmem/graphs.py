@@ -188,6 +188,11 @@ class GraphRunner:
             result = self._replay(entry, leaves, fresh=True)
             torch.cuda.synchronize(dev)
         except Exception as err:  # noqa: BLE001 - any capture failure: the call runs eagerly (and fails there if it must)
+            if graph is not None:
+                try:  # a capture that raised leaves its generator and pool registered until reset
+                    graph.reset()
+                except Exception:  # noqa: BLE001 - a graph that never began has nothing to reset
+                    pass
             entry = graph = out = static = static_args = static_kwargs = None  # the pool goes with them
             torch.cuda.synchronize(dev)
             lift_allocator_cap(dev, saved)

@@ -871,8 +871,11 @@ def stream(model: nn.Module, budget, device: str = "cpu", example_inputs: tuple 
     output costs one forward, not two. A budget its plan cannot meet raises BudgetTooSmall from that call.
     cuda_graphs: CUDA only: from the second call of an input signature on, replay the whole streamed call
     (kernels, copies and the events between them) as one CUDA graph, so a model of small kernels runs at
-    the GPU's pace instead of the host's (see `flashmem.graphs`). Outputs are the same bits; each replay's
-    outputs are fresh copies. The graph's memory is taken within the budget; an input whose capture fails or
+    the GPU's pace instead of the host's (see `flashmem.graphs`). Every call then runs on a stream of
+    flashmem's (its cuBLAS workspace, 32 MiB on Hopper, counts against the budget). Outputs are the same
+    bits where the captured kernels are the eager ones (matrix products and convolutions: a linear stack
+    and the SD UNet were bit-identical on an H200); an attention kernel may choose otherwise under capture
+    (ViT-L's differed in the last bits). Each replay's outputs are fresh copies. The graph's memory is taken within the budget; an input whose capture fails or
     does not fit runs eagerly (`graph_refusals` says why, with a GraphWarning).
 
     Outputs are bit-identical (unless split_bytes splits a linear layer) to the model run with all weights
