@@ -249,6 +249,26 @@ def run_child(script: str, argv: list[str], log_path: Path, timeout_s: float, en
     return rows
 
 
+def child_device(name: str, hint: str = "pass --small --device cpu for a dry run"):
+    """The child's torch.device `name`, refusing CUDA where this process has none (`hint`: the way out)."""
+    import torch
+
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"CUDA is not available in this process; {hint}")
+    return dev
+
+
+def fresh_workdir(workdir: str) -> tuple[Path, Path]:
+    """(workdir, its logs folder), made if missing, without the logs and reference outputs of an earlier run."""
+    workdir = Path(workdir)
+    logs = workdir / "logs"
+    workdir.mkdir(parents=True, exist_ok=True)
+    for old in list(logs.glob("*.log")) + list(workdir.glob("ref_*.pt")):
+        old.unlink()
+    return workdir, logs
+
+
 def copy_logs(log_dir: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(log_dir.glob("*.log")):

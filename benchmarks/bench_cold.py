@@ -214,10 +214,8 @@ def child_io(args) -> dict:
 def child_mode(args) -> dict:
     import torch
 
-    dev = torch.device(args.device)
+    dev = C.child_device(args.device, "pass --device cpu for a logic check")
     cuda = dev.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise RuntimeError("CUDA is not available; pass --device cpu for a logic check")
     folder = Path(args.workdir) / "model"
     vocab = json.loads((folder / "meta.json").read_text())["config"]["vocab_size"]
     C.preload_modules()

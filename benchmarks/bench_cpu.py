@@ -214,11 +214,7 @@ def main(argv=None) -> int:
         child(args)
         return 0
     t0 = time.perf_counter()
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    logs = workdir / "logs"
-    for old in list(logs.glob("*.log")) + list(workdir.glob("ref_*.pt")):
-        old.unlink()
+    workdir, logs = C.fresh_workdir(args.workdir)
     if args.fresh and (workdir / "model").exists():
         shutil.rmtree(workdir / "model")
     script = str(Path(__file__).resolve())

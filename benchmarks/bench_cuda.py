@@ -165,10 +165,8 @@ def versions() -> dict:
 def child_measure(args) -> dict:
     import torch
 
-    dev = torch.device(args.device)
+    dev = C.child_device(args.device)
     cuda = dev.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise RuntimeError("CUDA is not available in this process; pass --small --device cpu for a dry run")
     workdir = Path(args.workdir)
     folder = workdir / "model"
     meta = json.loads((folder / "meta.json").read_text())
@@ -353,11 +351,7 @@ def main(argv=None) -> int:
         child(args)
         return 0
     t0 = time.perf_counter()
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    logs = workdir / "logs"
-    for old in list(logs.glob("*.log")) + list(workdir.glob("ref_*.pt")):
-        old.unlink()
+    workdir, logs = C.fresh_workdir(args.workdir)
     if args.fresh and (workdir / "model").exists():
         for f in (workdir / "model").iterdir():
             f.unlink()

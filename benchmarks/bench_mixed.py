@@ -250,10 +250,8 @@ def set_up(args, model, inputs, budget: int, solver_dir: str):
 def child_measure(args) -> dict:
     import torch
 
-    dev = torch.device(args.device)
+    dev = C.child_device(args.device)
     cuda = dev.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise RuntimeError("CUDA is not available in this process; pass --small --device cpu for a dry run")
     if args.threads:
         torch.set_num_threads(args.threads)
     row: dict = {"versions": versions(), "threads": torch.get_num_threads()}
@@ -456,11 +454,7 @@ def main(argv=None) -> int:
         child(args)
         return 0
     t0 = time.perf_counter()
-    workdir = Path(args.workdir)
-    logs = workdir / "logs"
-    workdir.mkdir(parents=True, exist_ok=True)
-    for old in list(logs.glob("*.log")) + list(workdir.glob("ref_*.pt")):
-        old.unlink()
+    workdir, logs = C.fresh_workdir(args.workdir)
     script = str(Path(__file__).resolve())
     common = ["--device", args.device, "--workdir", str(workdir), "--iters", str(args.iters), "--warmup",
               str(args.warmup), "--solver-time-limit", str(args.solver_time_limit)] + (["--small"] if args.small else []) \
