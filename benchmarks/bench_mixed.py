@@ -122,6 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true",
                    help="every mode replays CUDA graphs: streamed modes with flashmem.stream(cuda_graphs=True), the "
                         "resident one captured by hand (resident_graph); the UNet's timestep is then a device tensor")
+    p.add_argument("--save-costs", help="folder each streamed child writes its profiled costs (CostModel JSON), "
+                   "its program (pickle) and its plan (JSON) to, for planning offline with the same numbers")
     p.add_argument("--plot", help="where the ablation plot goes (default $OUT/ablation.png, else the workdir)")
     p.add_argument("--time-limit", type=float, default=470, help="seconds; runs not started by then are skipped "
                    "(a run still going gets at most 30 s more)")
@@ -324,6 +326,16 @@ def predictions(args, sm, inputs: dict, budget: int) -> dict:
     plan, program = sm.plan, sm.program
     weights = sum(w.nbytes for w in program.weights)
     must_stream = max(0, weights - (budget - plan.activation_bytes - plan.fixed_bytes))
+    if args.save_costs:
+        import pickle
+
+        folder = Path(args.save_costs)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{args.model}_{args.mode}_{args.fraction}" + ("_graphs" if args.cuda_graphs else "")
+        (folder / f"{stem}.costs.json").write_text(costs.to_json())
+        (folder / f"{stem}.plan.json").write_text(plan.to_json(program))
+        with open(folder / f"{stem}.program.pkl", "wb") as f:
+            pickle.dump(program, f)
     return {"profile_s": time.perf_counter() - t, "predicted_ms": simulate(plan, costs).total_s * 1e3,
             "solver_predicted_ms": plan.predicted_s * 1e3 if plan.predicted_s is not None else None,
             "compute_ms": costs.compute_s * 1e3, "link_bytes_per_s": costs.link.bandwidth_bytes_per_s,
@@ -459,7 +471,8 @@ def main(argv=None) -> int:
     common = ["--device", args.device, "--workdir", str(workdir), "--iters", str(args.iters), "--warmup",
               str(args.warmup), "--solver-time-limit", str(args.solver_time_limit)] + (["--small"] if args.small else []) \
         + (["--split-bytes", args.split_bytes] if args.split_bytes else []) \
-        + (["--threads", str(args.threads)] if args.threads else []) + (["--cuda-graphs"] if args.cuda_graphs else [])
+        + (["--threads", str(args.threads)] if args.threads else []) + (["--cuda-graphs"] if args.cuda_graphs else []) \
+        + (["--save-costs", args.save_costs] if args.save_costs else [])
     out = C.out_dir()
     result = {"script": "bench_mixed.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": [],
               "loadavg_start": os.getloadavg()}

@@ -172,7 +172,7 @@ class Boxed(nn.Module):
 
 @cuda
 @pytest.mark.parametrize("kind, unwrap, why", [
-    (HostSync, lambda o: o, "its capture failed"),
+    (HostSync, lambda o: o, "synchronizes with the host"),
     (Boxed, lambda o: o.t, "holds a Box, which a replay cannot copy out"),
 ])
 def test_cuda_graphs_uncapturable_calls_run_eagerly_and_exactly(kind, unwrap, why):
@@ -185,12 +185,26 @@ def test_cuda_graphs_uncapturable_calls_run_eagerly_and_exactly(kind, unwrap, wh
     sm = flashmem.stream(model, 200_000 + 48 * MiB, device="cuda", example_inputs=(x,), cuda_graphs=True)
     try:
         with torch.no_grad():
-            outs = [sm(x)]  # the plan's first call runs eagerly; the second is captured, and refused
+            # The plan's first call runs eagerly, probed for host syncs (HostSync is refused there, before any
+            # capture); the second is captured (Boxed is refused after it).
             with pytest.warns(flashmem.GraphWarning, match=why):
-                outs.append(sm(x))
+                outs = [sm(x), sm(x)]
             outs += [sm(x) for _ in range(2)]
         assert all(torch.equal(unwrap(o), ref) for o in outs)
         assert sm._graphs.replays == 0 and why in list(sm.graph_refusals.values())[0]
+    finally:
+        sm.close()
+        settle()
+    # No capture failed on the way: another model's calls in this process still capture and replay.
+    other = nn.Linear(256, 256).half().eval()
+    with torch.no_grad():
+        expected = other.cuda()(x).clone()
+    other.cpu()
+    sm = flashmem.stream(other, 200_000 + 48 * MiB, device="cuda", example_inputs=(x,), cuda_graphs=True)
+    try:
+        with torch.no_grad():
+            outs = [sm(x) for _ in range(4)]
+        assert all(torch.equal(o, expected) for o in outs) and sm._graphs.replays == 3 and sm.graph_refusals == {}
     finally:
         sm.close()
         settle()

@@ -12,10 +12,13 @@ first replay; a graph that does not fit is given up and that input runs eagerly.
 held at a time: an eager call of any signature (a trace, another input, a profile) drops it first, so
 its pool never sits beside another call's activations.
 
-A graph is captured at the second call of a signature after its plan is made (the first runs eagerly
-and shows the call leaves the traced order nowhere), and is given up for good for a signature whose
-capture fails (a kernel that syncs with the host, an `.item()`, host reads of split embeddings), whose
-inputs hold objects other than tensors and Python scalars, or whose graph did not fit; `refused` says why.
+A graph is captured at the second call of a signature after its plan is made. The first runs eagerly in
+PyTorch's sync debug mode: it shows the call leaves the traced order nowhere and never syncs with the host
+(an `.item()`, a copy from pageable host memory, host reads of split embeddings), since a capture that
+fails on a sync leaves CUDA's random generator bound to the broken graph and later captures in the
+process fail. A signature is given up for good where that call synced, where its capture fails anyway,
+where its inputs hold objects other than tensors and Python scalars, or where its graph did not fit;
+`refused` says why.
 Like `torch.compile(mode="reduce-overhead")`, a replay runs the kernels of the capture: a forward whose
 work depends on Python state other than its arguments needs eager mode.
 """
@@ -35,6 +38,8 @@ from .trace import input_signature
 from .units import fmt_bytes
 
 EAGER = object()  # GraphRunner.call's answer where the call should run eagerly
+PROBE = object()  # GraphRunner.call's answer where the call runs eagerly under `GraphRunner.probe`
+SYNC_WARNING = "called a synchronizing CUDA operation"  # PyTorch's text in sync debug mode "warn"
 GRAPH_SMALL_SEGMENT = 2 * 2**20  # a private pool's first small block takes a segment of this size
 CAPTURES_PER_SIGNATURE = 3  # a signature whose graph is dropped and captured again this often stays eager
 
@@ -107,10 +112,18 @@ class GraphRunner:
         self.sm = sm
         self.graph: _Graph | None = None
         self.refused: dict[str, str] = {}  # input signature -> why it runs eagerly
-        self.captures: dict[str, int] = {}
+        self.captures: dict[tuple, int] = {}  # (call key, executor id) -> captures made
         self.capturing = False
         self.stream = stream  # every call and capture runs on it; its math workspace was made before the trace
         self.replays = 0  # calls answered by a replay
+        self.probed: set[str] = set()  # signatures whose eager call ran under `probe` and did not sync
+        self.probe_signature = ""  # the signature of the call `call` last answered PROBE
+
+    def probe(self):
+        """A context for the eager call before a capture: a call that syncs with the host is refused here, since
+        a capture that fails leaves CUDA's random generator bound to the broken graph, and later captures in
+        the process (of any model) then fail."""
+        return _Probe(self, self.probe_signature)
 
     # -- the StreamedModel's entry points ----------------------------------------------------------------
     def call(self, args: tuple, kwargs: dict):
@@ -135,9 +148,13 @@ class GraphRunner:
             entry = self.graph
             if entry is not None and entry.key == key and entry.executor is executor:
                 return self._replay(entry, leaves)
-            if executor.completed_calls < 1 or executor.ever_diverged:
+            if executor.ever_diverged:
                 return EAGER
-            if self.captures.get(signature, 0) >= CAPTURES_PER_SIGNATURE:
+            if executor.completed_calls < 1 or signature not in self.probed:
+                self.probe_signature = signature
+                return PROBE
+            # Counted per plan and mode: a profile's graph, or a graph of a new plan, is not a re-capture.
+            if self.captures.get((key, id(executor)), 0) >= CAPTURES_PER_SIGNATURE:
                 self._refuse(signature, f"its graph was dropped and captured {CAPTURES_PER_SIGNATURE} times (calls "
                                         f"of other inputs in between drop it); it runs eagerly from now on")
                 return EAGER
@@ -162,7 +179,7 @@ class GraphRunner:
     def _capture(self, signature: str, key: tuple, executor, leaves: list, spec):
         sm, dev = self.sm, self.sm.device
         plan = executor.plan
-        self.captures[signature] = self.captures.get(signature, 0) + 1
+        self.captures[key, id(executor)] = self.captures.get((key, id(executor)), 0) + 1
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         room = plan.budget_bytes - plan.arena_bytes - plan.fixed_bytes
@@ -223,6 +240,38 @@ class GraphRunner:
         entry.graph.replay()
         self.replays += 1
         return copy_out(entry.out)
+
+
+class _Probe:
+    def __init__(self, runner: GraphRunner, signature: str):
+        self.runner, self.signature = runner, signature
+
+    def __enter__(self):
+        self.previous = torch.cuda.get_sync_debug_mode()
+        self.caught = warnings.catch_warnings(record=True)
+        self.records = self.caught.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, kind, value, tb):
+        torch.cuda.set_sync_debug_mode(self.previous)
+        self.caught.__exit__(kind, value, tb)
+        syncs = 0
+        for record in self.records:
+            if SYNC_WARNING in str(record.message):
+                syncs += 1
+            else:  # the call's own warnings go on as they would have
+                warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+        if kind is not None:
+            return False
+        if syncs:
+            self.runner._refuse(self.signature, f"its call synchronizes with the host {syncs} times (an .item(), a "
+                                                f"copy to or from pageable host memory, a data-dependent shape), "
+                                                f"which a CUDA graph cannot capture")
+        else:
+            self.runner.probed.add(self.signature)
+        return False
 
 
 class _Refused(Exception):

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_map
 
 from .check import check_plan
 from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
-from .graphs import EAGER, GraphRunner, graph_reserve_bytes, tensor_bytes
+from .graphs import EAGER, PROBE, GraphRunner, graph_reserve_bytes, tensor_bytes
 from .plan import Plan, simple_plan, with_staging
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
@@ -533,6 +533,9 @@ class StreamedModel:
     def __call__(self, *args, **kwargs):
         if self._graphs is not None:
             out = self._graphs.call(args, kwargs)
+            if out is PROBE:
+                with self._graphs.probe():
+                    return self._guarded(self.model, args, kwargs)
             if out is not EAGER:
                 return out
         return self._guarded(self.model, args, kwargs)
