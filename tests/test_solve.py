@@ -20,6 +20,7 @@ from flashmem.check import find_problems
 from flashmem.costs import CostModel, LinkCost, StepCost, simulate
 from flashmem.errors import BudgetTooSmall
 from flashmem.plan import Load, Plan, Resident, simple_plan
+from flashmem.bound import latency_bound
 from flashmem.solve import SolverSettings, solve_plan
 from flashmem.trace import Program
 
@@ -66,13 +67,16 @@ def assert_promises(plan: Plan, prog: Program, costs: CostModel, budget: int, gr
     assert plan.predicted_s <= simple_s + 1e-12
     used = {w for op in prog.ops for w in op.weights}
     assert {r.weight for r in plan.residents} | {l.weight for l in plan.loads} == used
+    # The relaxation's bound holds every plan's prediction from below: the simple plan's and this one's.
+    assert plan.bound_s is not None and plan.bound_s <= plan.predicted_s * (1 + 1e-6) + 1e-12
+    assert plan.bound_s >= costs.compute_s * (1 - 1e-6)
 
 
 def assert_is_simple(plan: Plan, prog: Program, costs: CostModel, budget: int, granularity: int = ALIGN) -> None:
     """A fallback: the simple plan itself, with its predicted time, status 'fallback' and a note."""
     simple = simple_for(prog, budget, granularity)
     assert plan.status == "fallback" and plan.note.startswith("simple plan; ")
-    assert dataclasses.replace(plan, status="simple", note="", predicted_s=None, solve_s=0.0) == simple
+    assert dataclasses.replace(plan, status="simple", note="", predicted_s=None, solve_s=0.0, bound_s=None) == simple
     assert plan.predicted_s == simulate(simple, costs).total_s
     assert plan.solve_s > 0
 
@@ -157,12 +161,14 @@ def test_link_bound_gains_by_loading_just_in_time():
     # Budget 256 (4 u) and no compute at all: the call is the link. The simple plan keeps nothing resident
     # (a 4 u ring holds two loads at once) and moves 4 x 100 B at 100 B/ms: 4 ms. The solver's model lets a
     # load move in the step of its first user (the op waits for it): one weight resident (2 u) and the other
-    # three through one 2 u slot, each loaded as its op starts: 3 x 1 ms = 3 ms.
+    # three through one 2 u slot, each loaded once the op before it is done (W1's at op 0 or 1: op 0 takes no
+    # time): 3 x 1 ms = 3 ms.
     costs = cost_model([0, 0, 0, 0], bytes_per_ms=100)
     plan = solve_for(A, costs, 256)
     assert_promises(plan, A, costs, 256)
     assert plan.status == "optimal" and len(plan.residents) == 1 and len(plan.loads) == 3
-    assert all(load.start_step == load.first_use for load in plan.loads)
+    assert len({load.offset_bytes for load in plan.loads}) == 1
+    assert all(load.first_use - 1 <= load.start_step <= load.first_use for load in plan.loads)
     assert plan.predicted_s == pytest.approx(3 * MS)
     assert simulate(simple_for(A, 256), costs).total_s == pytest.approx(4 * MS)
 
@@ -195,6 +201,15 @@ def test_overhead_counts_per_copy():
 
 
 # -- fallbacks ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_rounding(monkeypatch):
+    """The rounded relaxation offers no plan (its bound stays): each CP-SAT tier and the fallback answer alone."""
+    def bound_only(program, costs, runs, simple, avail, alignment, *rest):
+        return [], latency_bound(program, costs, avail, alignment).latency_s
+
+    monkeypatch.setattr(solve, "_relaxed_plans", bound_only)
+
+
 def test_one_slot_loads_every_weight_just_in_time():
     # A at budget 128: one 2 u slot, so every load waits for the op before it to finish. The solver's model
     # moves each load in its first user's step (issued as that op starts): the simple plan's schedule,
@@ -207,7 +222,7 @@ def test_one_slot_loads_every_weight_just_in_time():
     assert plan.predicted_s == pytest.approx(8 * MS)
 
 
-def test_fallback_when_no_tier_finds_a_solution_in_time():
+def test_fallback_when_no_tier_finds_a_solution_in_time(no_rounding):
     # 300 ops, two 2 u weights each, at a budget of 12 u: each tier's model has about 60,000 variables, and
     # 0.2 s of deterministic time (the floor of a tiny time limit) ends in presolve, before any solution:
     # every tier reports no solution and the simple plan comes back.
@@ -220,7 +235,7 @@ def test_fallback_when_no_tier_finds_a_solution_in_time():
     assert_promises(plan, prog, costs, 12 * U)
 
 
-def test_fallback_when_the_solver_plan_is_predicted_slower():
+def test_fallback_when_the_solver_plan_is_predicted_slower(no_rounding):
     # Three ops, 1 u each, and room for all three: the simple plan keeps all resident: 2 + 4 + 1 = 7 ms.
     # With a price on resident bytes (1 us per byte, 64 us per unit), the solver streams W2: its model moves
     # W2 during op 1 (4 ms of compute, no slowdown) for free, and keeps W0 (its load would stall op 0) and W1
@@ -237,7 +252,7 @@ def test_fallback_when_the_solver_plan_is_predicted_slower():
     assert_promises(plan, prog, costs, 3 * U)
 
 
-def test_fallback_when_no_window_solves(monkeypatch):
+def test_fallback_when_no_window_solves(monkeypatch, no_rounding):
     calls = []
 
     def no_solution(*args, **kwargs):
@@ -258,7 +273,7 @@ def test_fallback_when_no_window_solves(monkeypatch):
 A_ROOMY = cost_model([5, 5, 5, 5], bytes_per_ms=100)
 
 
-def test_fallback_when_offsets_do_not_place(monkeypatch):
+def test_fallback_when_offsets_do_not_place(monkeypatch, no_rounding):
     monkeypatch.setattr(solve, "_place", lambda *args, **kwargs: None)
     plan = solve_for(A, A_ROOMY, 512)
     assert_is_simple(plan, A, A_ROOMY, 512)
@@ -267,7 +282,7 @@ def test_fallback_when_offsets_do_not_place(monkeypatch):
                          "offsets did not place")
 
 
-def test_fallback_when_the_checker_rejects(monkeypatch):
+def test_fallback_when_the_checker_rejects(monkeypatch, no_rounding):
     seen = []
 
     def reject(plan, prog):
@@ -406,7 +421,7 @@ def test_random_programs_keep_the_promises(seed):
     if plan.status == "fallback":
         assert_is_simple(plan, prog, costs, budget, granularity)
     else:
-        assert plan.note.startswith("solver")
+        assert plan.note.startswith(("solver", "relaxation rounded"))
 
 
 # -- determinism --------------------------------------------------------------------------------------------------

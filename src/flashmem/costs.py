@@ -5,10 +5,12 @@
 - `StepCost`: per step (op i's entry to op i + 1's entry), the compute time with nothing moving beside it
   and the slowdown while a transfer runs beside it, measured per op class rather than assumed: copy
   engines barely disturb a discrete GPU, an IO thread on a 2-core CPU does.
-- `CostModel`: both, for one model, input signature and device; JSON for the plan cache.
+- `CostModel`: both, for one model, input signature and device, and on CUDA the time a step loses when
+  its op waits for the copy stream (`wait_s`); JSON for the plan cache.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -48,6 +50,7 @@ class CostModel:
     signature: str
     link: LinkCost
     steps: tuple[StepCost, ...]
+    wait_s: float = 0.0  # added to a step whose op waits for a load (CUDA: a dependency on the copy stream)
 
     @property
     def compute_s(self) -> float:
@@ -60,7 +63,7 @@ class CostModel:
     def from_json(cls, text: str) -> "CostModel":
         doc = json.loads(text)
         return cls(doc["device"], doc["signature"], LinkCost(**doc["link"]),
-                   tuple(StepCost(**s) for s in doc["steps"]))
+                   tuple(StepCost(**s) for s in doc["steps"]), doc.get("wait_s", 0.0))
 
 
 COPY_SIZES = (64 * 2**10, 2**20, 8 * 2**20, 64 * 2**20)
@@ -165,6 +168,56 @@ def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False) -
     return _fit(sizes, seconds, "pread from page cache into RAM")
 
 
+def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: int = 5) -> float:
+    """CUDA: seconds a step of a profile takes longer than the same work in a plain call, from the profile's
+    own mechanics: a step's timing events and its wait for the copy stream (every profiled step has both; in
+    a call, only a step whose op waits for a load). Measured on a chain of small kernels, captured as a graph
+    where the profile replays one (`graphed`), as the per-step difference of the two chains' times."""
+    from .run_cuda import timing_event
+
+    compute, copy = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    x = torch.zeros(2**20, device=device)
+    marks = [(timing_event(), timing_event()) for _ in range(steps)]
+    fork, tail = torch.cuda.Event(), torch.cuda.Event()
+    start, end = timing_event(), timing_event()
+
+    def chain(profiled: bool) -> None:
+        start.record(compute)
+        for before, after in marks:
+            if profiled:  # as CudaMover.issue and .wait do in serial (profiling) mode
+                fork.record(compute)
+                copy.wait_event(fork)
+                tail.record(copy)
+                before.record(compute)
+                compute.wait_event(tail)
+                after.record(compute)
+            x.add_(1.0)
+        if profiled:
+            fork.record(copy)
+            compute.wait_event(fork)
+        end.record(compute)
+
+    def per_step(profiled: bool) -> float:
+        compute.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(compute):
+            run = functools.partial(chain, profiled)
+            if graphed:
+                chain(profiled)  # warm
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=compute):
+                    chain(profiled)
+                run = graph.replay
+            times = []
+            for _ in range(repeats + 1):
+                run()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / steps)
+        torch.cuda.current_stream(device).wait_stream(compute)
+        return statistics.median(times[1:])
+
+    return max(0.0, per_step(True) - per_step(False))
+
+
 class BackgroundTransfer:
     """Keeps the weight link busy (as loads would) while the model computes, to measure the slowdown."""
 
@@ -254,10 +307,15 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     finally:
         executor.profiling, executor.mover.serial = False, False
     program = sm.program
+    # Every profiled step carries the profile's own timing events and copy-stream wait; a call's step only
+    # where its op waits for a load. They come off each step here, and `simulate` adds them back there.
+    wait = measure_wait(sm.device, graphed=sm._graphs is not None) if sm.device.type == "cuda" else 0.0
+    quiet = [max(q - wait, 0.0) for q in quiet]
+    busy = [max(b - wait, 0.0) for b in busy]
     classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
     slow = slowdowns_by_class(classes, quiet, busy)
     steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
-    return CostModel(str(sm.device), program.signature, measure_link(sm.device, mapped=mapped), steps)
+    return CostModel(str(sm.device), program.signature, measure_link(sm.device, mapped=mapped), steps, wait)
 
 
 def measure_timeline(sm, args: tuple, kwargs: dict) -> "Timeline":
@@ -290,7 +348,8 @@ class Timeline:
 def simulate(plan, costs: CostModel) -> Timeline:
     """Predict a call of `plan`: one FIFO link that starts a load as soon as the load that last held its
     bytes is released; compute that starts a step once the step before it ended and its loads arrived,
-    and runs slower (by the measured factor) for the part of the step the link is busy."""
+    and runs slower (by the measured factor) for the part of the step the link is busy, plus `wait_s` where
+    its op waits for a load."""
     loads = plan.loads
     holder = previous_holders(loads, plan.alignment)
     n = plan.n_ops
@@ -322,7 +381,7 @@ def simulate(plan, costs: CostModel) -> Timeline:
         ready = max([clock] + [load_end[j] for j in needs[i]])
         step = costs.steps[i]
         busy = _overlap(load_start, load_end, scheduled, ready, ready + step.compute_s)
-        duration = step.compute_s + (step.slowdown - 1.0) * busy
+        duration = step.compute_s + (step.slowdown - 1.0) * busy + (costs.wait_s if needs[i] else 0.0)
         step_start[i], step_end[i] = ready, ready + duration
         clock = step_end[i]
     return Timeline(tuple(step_start), tuple(step_end), tuple(load_start), tuple(load_end))

@@ -73,6 +73,7 @@ class Plan:
     solve_s: float = 0.0  # time the planner took
     note: str = ""  # which planner tier answered, and why
     staging: Staging | None = None  # with a host budget: how loads pass through the host's staging ring
+    bound_s: float | None = None  # the solver's: no plan in this arena runs faster for its costs (bound.py)
 
     @property
     def streamed_bytes(self) -> int:
@@ -308,6 +309,36 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
             if total + sizes[w] <= avail - ring_target:
                 order.append(w)
                 total += sizes[w]
+    placed = ring_layout(program, runs, order, avail, alignment)
+    if placed is None:
+        # Placement is not monotone in the ring's size: the smallest ring that places every run may
+        # succeed where the whole arena did not.
+        smallest = _smallest_ring(program, runs, need, alignment)
+        loads = place_ring(program, runs, 0, smallest, alignment) if smallest <= avail else None
+        if loads is None:
+            op = program.ops[need_step]
+            total_need = align_up(smallest, granularity) + fixed
+            raise BudgetTooSmall(
+                f"the weights of op {op.index} ({op.module!r}) and its neighbours cannot be placed in "
+                f"{fmt_bytes(avail)} of arena ({fmt_bytes(budget_bytes)} budget less "
+                f"{fmt_bytes(fixed)} for activations and workspace); raise the budget to at least "
+                f"{fmt_bytes(total_need)}", op=op.module, need_bytes=total_need, budget_bytes=budget_bytes)
+        placed = ((), tuple(loads), 0, smallest)
+    residents, loads, resident_bytes, ring_bytes = placed
+    return Plan(device=device, signature=program.signature, budget_bytes=budget_bytes,
+                arena_bytes=resident_bytes + ring_bytes, resident_bytes=resident_bytes,
+                activation_bytes=activation_bytes, fixed_bytes=program.fixed_bytes, alignment=alignment,
+                residents=residents, loads=loads, n_ops=len(program.ops), status="simple")
+
+
+def ring_layout(program: Program, runs: list[UseRun], order: list[int], avail: int, alignment: int
+                ) -> tuple[tuple[Resident, ...], tuple[Load, ...], int, int] | None:
+    """(residents, loads, resident bytes, ring bytes): the weights of `order` resident, packed from offset 0,
+    the other runs streamed through a ring of the rest of `avail`, each load as early as its bytes are free.
+    Where the ring does not place them, `order`'s last weights stream too; None where even an empty
+    resident set does not place."""
+    sizes = {w.index: align_up(w.nbytes, alignment) for w in program.weights}
+    order = list(order)
     while True:
         resident_bytes = sum(sizes[w] for w in order)
         kept = set(order)
@@ -317,29 +348,13 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
         if loads is not None:
             break
         if not order:
-            # Placement is not monotone in the ring's size: the smallest ring that places every run may
-            # succeed where the whole arena did not.
-            smallest = _smallest_ring(program, runs, need, alignment)
-            loads = place_ring(program, runs, 0, smallest, alignment) if smallest <= avail else None
-            if loads is not None:
-                ring_bytes = smallest
-                break
-            op = program.ops[need_step]
-            total_need = align_up(smallest, granularity) + fixed
-            raise BudgetTooSmall(
-                f"the weights of op {op.index} ({op.module!r}) and its neighbours cannot be placed in "
-                f"{fmt_bytes(avail)} of arena ({fmt_bytes(budget_bytes)} budget less "
-                f"{fmt_bytes(fixed)} for activations and workspace); raise the budget to at least "
-                f"{fmt_bytes(total_need)}", op=op.module, need_bytes=total_need, budget_bytes=budget_bytes)
+            return None
         order = order[:-1]
     residents, offset = [], 0
     for w in order:
         residents.append(Resident(w, offset, program.weights[w].nbytes))
         offset += sizes[w]
-    return Plan(device=device, signature=program.signature, budget_bytes=budget_bytes,
-                arena_bytes=resident_bytes + ring_bytes, resident_bytes=resident_bytes,
-                activation_bytes=activation_bytes, fixed_bytes=program.fixed_bytes, alignment=alignment,
-                residents=tuple(residents), loads=tuple(loads), n_ops=len(program.ops), status="simple")
+    return tuple(residents), tuple(loads), resident_bytes, ring_bytes
 
 
 # -- the ablation baseline: prefetch the next layer, nothing resident -------------------------------------

@@ -12,11 +12,15 @@ lasts at least its compute (longer by the measured slowdown while the link is bu
 transfer (bytes over bandwidth, plus a per-copy overhead). The objective is the sum of step times, plus
 `resident_weight` per resident byte (the paper's lambda).
 
-Long programs are solved in a rolling window of steps, each window with what earlier windows decided
-fixed, and the simple plan as a complete hint (resident set, start steps, bytes moved). Offsets are
+Before CP-SAT, the latency bound's linear relaxation (`bound.py`) is rounded into candidate plans: weights
+resident in order of their resident share there, rings of one to six times the largest working set, each
+laid out as the simple plan lays out its ring and predicted by `costs.simulate`. The best of them and the
+simple plan is CP-SAT's hint. Long programs are solved in a rolling window of steps, each window with what
+earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved). Offsets are
 assigned after solving (first fit in time and space). Tiers: the solver's plan; the solver with a tighter
-arena (more room for placement); the simple plan. `plan.status` says "optimal", "feasible" or
-"fallback", and `plan.note` which tier answered and why.
+arena (more room for placement); the rounded relaxation; the simple plan. The plan returned is the one
+predicted fastest. `plan.status` says "optimal" or "feasible" (a solver's or the relaxation's plan) or
+"fallback" (the simple plan), `plan.note` which tier answered and why, and `plan.bound_s` the bound.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from ortools.sat.python import cp_model
 from .check import find_problems
 from .errors import FlashmemError
 from .costs import CostModel, simulate
-from .plan import Load, Plan, Resident, UseRun, place_ring, simple_plan, use_runs
+from .bound import latency_bound
+from .plan import Load, Plan, Resident, UseRun, _minimum_ring, place_ring, ring_layout, simple_plan, use_runs
 from .trace import Program
 from .units import align_up
 
@@ -230,6 +235,45 @@ def _place(program: Program, runs: list[UseRun], d: _Decisions, arena_bytes: int
     return None if loads is None else (residents, loads, offset)
 
 
+RING_FACTORS = (1, 1.5, 2, 3, 4, 6)  # rounded relaxation: ring sizes, in largest working sets
+EXACT_BOUND_OPS = 600  # longer programs get a windowed relaxation (a guide, not a bound)
+
+
+def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simple: Plan, avail: int,
+                   alignment: int, granularity: int, settings: "SolverSettings") -> tuple[list[Plan], float | None]:
+    """Plans rounded from the relaxation, predicted, and the bound (None where the relaxation was windowed)."""
+    exact = len(program.ops) <= EXACT_BOUND_OPS
+    relaxed = latency_bound(program, costs, avail, alignment, window_steps=None if exact else 4 * settings.lookahead)
+    first: dict[int, int] = {}
+    for r in runs:
+        first.setdefault(r.weight, r.first_use)
+    size = {w: align_up(program.weights[w].nbytes, alignment) for w in first}
+    ranked = sorted(first, key=lambda w: (-relaxed.resident_share[w], first[w]))
+    need = _minimum_ring(program, runs, alignment)[0]
+    plans, seen = [], set()
+    for factor in RING_FACTORS:
+        order, total = [], 0
+        for w in ranked:
+            if total + size[w] <= avail - factor * need:
+                order.append(w)
+                total += size[w]
+        order.sort(key=lambda w: first[w])
+        if tuple(order) in seen:
+            continue
+        seen.add(tuple(order))
+        placed = ring_layout(program, runs, order, avail, alignment)
+        if placed is None:
+            continue
+        residents, loads, resident_bytes, ring_bytes = placed
+        plan = replace(simple, arena_bytes=align_up(resident_bytes + ring_bytes, granularity),
+                       resident_bytes=resident_bytes, residents=residents, loads=loads, status="feasible",
+                       note=f"relaxation rounded: {len(residents)} weights resident, a ring of {factor}x the "
+                            f"largest working set")
+        if not list(find_problems(plan, program)):
+            plans.append(replace(plan, predicted_s=simulate(plan, costs).total_s))
+    return plans, relaxed.latency_s if exact else None
+
+
 def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device: str, alignment: int,
                activation_bytes: int, granularity: int = 1, settings: SolverSettings = SolverSettings()) -> Plan:
     """The solver's plan, or the best tier that places; never worse (predicted) than the simple plan."""
@@ -245,9 +289,13 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
     runs = use_runs(program)
     # Sizes in units of the alignment: exact, as the arena allocates them.
     size_u = {w.index: align_up(w.nbytes, alignment) // alignment for w in program.weights}
-    hint = _hint_from(simple, runs)
+    relaxed, bound_s = _relaxed_plans(program, costs, runs, simple, avail, alignment, granularity, settings)
+    best = min([simple] + relaxed, key=lambda p: p.predicted_s)
+    hint = _hint_from(best, runs)
     n_steps = len(program.ops) + 1
     notes = []
+    spent = time.perf_counter() - t0
+    budget_s = max(settings.time_limit_s - spent, 0.1 * settings.time_limit_s)
     for tier, shrink in (("solver", 1.0), ("solver, arena tightened by 10% for placement", 0.9),
                          ("solver, arena tightened by 25% for placement", 0.75)):
         arena_u = int(avail * shrink) // alignment
@@ -255,7 +303,7 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
         ok = True
         for lo in range(0, n_steps, settings.window_steps):
             hi = min(n_steps, lo + settings.window_steps)
-            share = settings.time_limit_s / 3 * (hi - lo) / n_steps
+            share = budget_s / 3 * (hi - lo) / n_steps
             if not _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share):
                 ok = False
                 break
@@ -275,10 +323,13 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
             notes.append(f"{tier}: rejected by the checker")
             continue
         plan = replace(plan, predicted_s=simulate(plan, costs).total_s)
-        if plan.predicted_s <= simple.predicted_s:
-            return replace(plan, solve_s=time.perf_counter() - t0)
-        notes.append(f"{tier}: predicted {plan.predicted_s * 1e3:.2f} ms, slower than the simple plan's "
-                     f"{simple.predicted_s * 1e3:.2f} ms")
+        if plan.predicted_s <= best.predicted_s:
+            return replace(plan, solve_s=time.perf_counter() - t0, bound_s=bound_s)
+        notes.append(f"{tier}: predicted {plan.predicted_s * 1e3:.2f} ms, slower than the "
+                     f"{'simple plan' if best is simple else 'rounded relaxation'}'s {best.predicted_s * 1e3:.2f} ms")
         break
+    if best is not simple:
+        return replace(best, note=best.note + "; " + "; ".join(notes), solve_s=time.perf_counter() - t0,
+                       bound_s=bound_s)
     return replace(simple, status="fallback", note="simple plan; " + "; ".join(notes),
-                   solve_s=time.perf_counter() - t0)
+                   solve_s=time.perf_counter() - t0, bound_s=bound_s)

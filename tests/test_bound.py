@@ -1,0 +1,97 @@
+"""The latency bound (`bound.latency_bound`): optima of the relaxation worked out by hand, and the bound
+below every plan's predicted latency (the simple plan, the ablation baseline, the solver's) on random
+programs."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flashmem.bound import latency_bound
+from flashmem.costs import simulate
+from flashmem.errors import BudgetTooSmall, FlashmemError
+from flashmem.plan import next_layer_plan
+
+from test_solve import ALIGN, MS, U, A, B, H, H_BUDGET, H_COSTS, chain, cost_model, random_case, simple_for, solve_for
+
+
+def bound(prog, costs, arena, **kw):
+    return latency_bound(prog, costs, arena, ALIGN, **kw)
+
+
+def test_everything_resident_is_the_compute():
+    costs = cost_model([1, 2, 3, 4], bytes_per_ms=100)
+    b = bound(A, costs, 8 * U)
+    assert b.latency_s == pytest.approx(10 * MS) and b.link_s == 0
+    assert b.resident_share == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_link_bound_with_fractional_residents():
+    # A (four 100 B weights, 2 u each in the arena) in 4 u with no compute: every byte that streams moves
+    # while ops wait, so the bound is the streamed bytes over 100 B/ms. With resident shares r_i and S their
+    # sum, op k's interval holds S + (1 - r_k) units of two: S - r_k <= 1 for every k, so S <= 1 + S / 4,
+    # S <= 4 / 3, and (4 - 4 / 3) x 100 B at 100 B/ms = 8/3 ms. The best whole plan (one resident, three
+    # just in time) takes 3 ms, and the solver finds it.
+    costs = cost_model([0, 0, 0, 0], bytes_per_ms=100)
+    b = bound(A, costs, 4 * U)
+    assert b.latency_s == pytest.approx(8 / 3 * MS, rel=1e-6)
+    assert sum(b.resident_share) == pytest.approx(4 / 3, rel=1e-6)
+    plan = solve_for(A, costs, 4 * U)
+    assert plan.predicted_s == pytest.approx(3 * MS) and plan.bound_s == pytest.approx(b.latency_s)
+
+
+def test_compute_bound_hand_case_is_tight():
+    # test_solve's program H at 21 u: the hand optimum (W0 resident, every load hidden behind op 1's 20 ms)
+    # takes 32 ms, the compute alone, so the relaxation can do no better and no worse.
+    b = bound(H, H_COSTS, H_BUDGET)
+    assert b.latency_s == pytest.approx(32 * MS, rel=1e-6) and b.compute_s == pytest.approx(32 * MS)
+    assert solve_for(H, H_COSTS, H_BUDGET).predicted_s == pytest.approx(b.latency_s, rel=1e-6)
+
+
+@pytest.mark.parametrize("arena", [5 * U, 6 * U, 7 * U])
+def test_container_runs_release_before_the_next_op_waits(arena):
+    # B: a container op holds W0 (256 B in the arena) around two children that use W1 and W2 (64 B each).
+    # In 5 u, W2's load can only move after W1's op released it: the relaxation must let op 2 wait with
+    # op 1's run gone (W0 + W2 = 5 u), or it would call a plan infeasible that the simple planner makes.
+    costs = cost_model([1, 1, 1, 1], bytes_per_ms=64)
+    b = bound(B, costs, arena)
+    simple = simple_for(B, arena)
+    assert b.compute_s == pytest.approx(4 * MS)
+    assert b.compute_s - 1e-12 <= b.latency_s <= simulate(simple, costs).total_s * (1 + 1e-6)
+
+
+def test_a_window_only_tightens():
+    # A window limits how early a load may arrive: the relaxation loses freedom, so its optimum can only rise.
+    # Here (a case found by search; 1 u moves per ms) it does: exact 31 ms, with a window of one step 32 ms.
+    prog = chain([2 * U, 1 * U, 6 * U, 2 * U, 4 * U, 1 * U])
+    costs = cost_model([0, 10, 0, 10, 0, 10], bytes_per_ms=U)
+    exact, windowed = bound(prog, costs, 10 * U), bound(prog, costs, 10 * U, window_steps=1)
+    assert exact.latency_s == pytest.approx(31 * MS, rel=1e-6)
+    assert windowed.latency_s == pytest.approx(32 * MS, rel=1e-6)
+
+
+def test_costs_of_another_program_are_refused():
+    with pytest.raises(FlashmemError, match="the costs have 3 steps but the program has 4 ops"):
+        bound(A, cost_model([1, 1, 1]), 4 * U)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_programs_bound_every_plan(seed):
+    prog, costs, budget = random_case(seed)
+    avail = budget - prog.activation_bytes - prog.fixed_bytes
+    try:
+        simple = simple_for(prog, budget)
+    except BudgetTooSmall:
+        return
+    b = bound(prog, costs, avail)
+    assert costs.compute_s * (1 - 1e-6) <= b.latency_s <= simulate(simple, costs).total_s * (1 + 1e-6) + 1e-12
+    assert all(0.0 <= s <= 1.0 + 1e-9 for s in b.resident_share)
+    try:
+        baseline = next_layer_plan(prog, budget_bytes=budget, device="cpu", alignment=ALIGN,
+                                   activation_bytes=prog.activation_bytes)
+    except BudgetTooSmall:
+        return
+    assert b.latency_s <= simulate(baseline, costs).total_s * (1 + 1e-6) + 1e-12
+    # slower links only raise it
+    slower = dataclasses.replace(costs, link=dataclasses.replace(costs.link, bandwidth_bytes_per_s=costs.link.bandwidth_bytes_per_s / 2))
+    assert bound(prog, slower, avail).latency_s >= b.latency_s - 1e-12
