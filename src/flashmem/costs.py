@@ -112,8 +112,8 @@ class _MappedProbe:
 
 
 def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False) -> LinkCost:
-    """Time copies of several sizes (64 KiB to 256 MiB on CUDA, queued back to back; to 64 MiB on the CPU) over the device's weight
-    link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the link of the mapped runtime,
+    """Time copies of several sizes (64 KiB to 256 MiB on CUDA, queued back to back; to 64 MiB on the CPU)
+    over the device's weight link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the link of the mapped runtime,
     pages of a file in the page cache faulted into a mapping, instead of `pread` copies."""
     sizes, seconds = [], []
     if device.type == "cpu" and mapped:
@@ -223,24 +223,21 @@ def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: 
 
 
 class BackgroundTransfer:
-    """Keeps the weight link busy (as loads would) while the model computes, to measure the slowdown. On
-    CUDA, `cover(seconds)` queues that long of copies on a stream of its own, from the calling thread, before
-    a call (as the runtime issues its loads: no other host thread competes with the call's launches); on
-    the CPU a thread reads (or faults pages in) for as long as the block lasts."""
+    """Keeps the weight link busy (as loads would) while the model computes, to measure the slowdown: a
+    thread copies (CUDA: pinned host to device, one copy at a time), reads or faults pages in for as long as
+    the block lasts. (On CUDA, copies queued ahead of a call from the calling thread measured no slowdown at
+    all, since the call's own loads then waited behind them and its steps ran beside an idle link, where a
+    call streamed with the plan ran about 1.25x slower than profiled.)"""
 
-    def __init__(self, device: torch.device, nbytes: int = 32 * 2**20, mapped: bool = False,
-                 bandwidth_bytes_per_s: float = 5e10):
+    def __init__(self, device: torch.device, nbytes: int = 32 * 2**20, mapped: bool = False):
         self.device = device
         self.stop_flag = threading.Event()
         self.probe = _MappedProbe(nbytes) if device.type == "cpu" and mapped else None
-        self.thread = None
         if device.type == "cuda":
             self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
             self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
             self.stream = torch.cuda.Stream(device)
-            self.copy_s = nbytes / bandwidth_bytes_per_s
-            return
-        if self.probe is None:
+        elif self.probe is None:
             self.tmp = tempfile.TemporaryDirectory(prefix="flashmem-bg-")
             self.path = os.path.join(self.tmp.name, "bg")
             with open(self.path, "wb") as f:
@@ -248,18 +245,16 @@ class BackgroundTransfer:
             self.buf = np.empty(nbytes, dtype=np.uint8)
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def cover(self, seconds: float) -> None:
-        """CUDA: queue copies that keep the link busy for about `seconds` from now (after what is queued)."""
-        self.stream.synchronize()
-        with torch.cuda.stream(self.stream):
-            for _ in range(max(1, int(seconds / self.copy_s) + 1)):
-                self.dst.copy_(self.src, non_blocking=True)
-
     def _loop(self) -> None:
         if self.probe is not None:  # what the mapped runtime's IO thread does: fault pages in, drop them
             while not self.stop_flag.is_set():
                 self.probe.populate(self.probe.nbytes)
                 self.probe.drop()
+        elif self.device.type == "cuda":
+            with torch.cuda.stream(self.stream):
+                while not self.stop_flag.is_set():
+                    self.dst.copy_(self.src, non_blocking=True)
+                    self.stream.synchronize()
         else:
             fd = os.open(self.path, os.O_RDONLY)
             try:
@@ -269,21 +264,17 @@ class BackgroundTransfer:
                 os.close(fd)
 
     def __enter__(self):
-        if self.thread is not None:
-            self.thread.start()
-            time.sleep(0.01)
+        self.thread.start()
+        time.sleep(0.01)
         return self
 
     def __exit__(self, *exc):
         self.stop_flag.set()
-        if self.thread is not None:
-            self.thread.join()
+        self.thread.join()
         if self.probe is not None:
             self.probe.close()
         elif self.device.type == "cpu":
             self.tmp.cleanup()
-        else:
-            self.stream.synchronize()
 
 
 def slowdowns_by_class(op_classes: list[str], quiet_s: list[float], busy_s: list[float]) -> dict[str, float]:
@@ -309,32 +300,18 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     sm(*args, **kwargs)  # plans for this input signature if needed
     executor = sm._executor
     executor.profiling, executor.mover.serial = True, True
-    cuda = sm.device.type == "cuda"
-    link = measure_link(sm.device, mapped=bool(getattr(sm, "_mapped", False))) if cuda else None
     try:
-        walls: list[float] = []
-
-        def per_step(before=None) -> list[float]:
+        def per_step() -> list[float]:
             runs = []
             for _ in range(calls):
-                if before is not None:
-                    before()
-                t0 = time.perf_counter()
                 sm(*args, **kwargs)
-                runs.append(executor.mover.step_seconds())  # (waits for the call's end)
-                walls.append(time.perf_counter() - t0)
+                runs.append(executor.mover.step_seconds())
             return [statistics.median(col) for col in zip(*runs)]
 
         quiet = per_step()
         mapped = bool(getattr(sm, "_mapped", False))  # on the CPU: pages faulted into mappings, not copies
-        if cuda:
-            # Copies for three times the longest quiet call: the call's own loads, which queue behind them,
-            # take longer beside them, and every step of the call still runs beside the link.
-            with BackgroundTransfer(sm.device, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s) as bg:
-                busy = per_step(lambda: bg.cover(3 * max(walls)))
-        else:
-            with BackgroundTransfer(sm.device, mapped=mapped):
-                busy = per_step()
+        with BackgroundTransfer(sm.device, mapped=mapped):
+            busy = per_step()
     finally:
         executor.profiling, executor.mover.serial = False, False
     program = sm.program
@@ -347,7 +324,7 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
     slow = slowdowns_by_class(classes, quiet, busy)
     steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
-    return CostModel(str(sm.device), program.signature, link or measure_link(sm.device, mapped=mapped), steps, wait)
+    return CostModel(str(sm.device), program.signature, measure_link(sm.device, mapped=mapped), steps, wait)
 
 
 def measure_timeline(sm, args: tuple, kwargs: dict) -> "Timeline":
