@@ -128,7 +128,8 @@ def parse_args(argv=None):
     p.add_argument("--resident-ms", type=float, help="(child) the all-resident latency: the relaxation bound's "
                    "steps are scaled down to it")
     p.add_argument("--save-costs", help="folder each streamed child writes its profiled costs (CostModel JSON), "
-                   "its program (pickle) and its plan (JSON) to, for planning offline with the same numbers")
+                   "its program (pickle), its plan (JSON) and on CUDA one call's measured timeline (JSON) to, for "
+                   "planning offline with the same numbers")
     p.add_argument("--plot", help="where the ablation plot goes (default $OUT/ablation.png, else the workdir)")
     p.add_argument("--time-limit", type=float, default=470, help="seconds; runs not started by then are skipped "
                    "(a run still going gets at most 30 s more)")
@@ -342,6 +343,12 @@ def predictions(args, sm, inputs: dict, budget: int) -> dict:
         (folder / f"{stem}.plan.json").write_text(plan.to_json(program))
         with open(folder / f"{stem}.program.pkl", "wb") as f:
             pickle.dump(program, f)
+        if args.device == "cuda":  # one call with every op and load timed, for the simulator's errors
+            from dataclasses import asdict
+
+            from flashmem.costs import measure_timeline
+
+            (folder / f"{stem}.timeline.json").write_text(json.dumps(asdict(measure_timeline(sm, (), inputs))))
     return {"profile_s": time.perf_counter() - t, "predicted_ms": simulate(plan, costs).total_s * 1e3,
             "solver_predicted_ms": plan.predicted_s * 1e3 if plan.predicted_s is not None else None,
             "compute_ms": costs.compute_s * 1e3, "link_bytes_per_s": costs.link.bandwidth_bytes_per_s,
