@@ -3,6 +3,7 @@ predicts on hand-sized plans worked out by hand, the cost model's JSON, and `pro
 model (one StepCost per op, and the model's outputs untouched by profiling)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -11,8 +12,8 @@ import torch
 
 
 from flashmem.check import find_problems
-from flashmem.costs import (BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit, measure_link, profile,
-                            simulate, slowdowns_by_class)
+from flashmem.costs import (BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit, measure_link,
+                            measure_wait, profile, simulate, slowdowns_by_class)
 from flashmem.plan import Load, Plan, Resident, simple_plan
 
 from conftest import make_input, make_model, resident, program, streaming_budget
@@ -173,6 +174,19 @@ def test_simulate_with_residents_and_a_fifo_link():
     assert tl.total_s == pytest.approx(7 * MS)
 
 
+def test_simulate_adds_the_wait_cost_where_an_op_waits_for_a_load():
+    # test_simulate_with_residents_and_a_fifo_link's plan with wait_s = 0.5 ms: ops 1, 2 and 3 wait for a load
+    # (op 0's weight is resident), so each of them takes 0.5 ms longer; the link is unchanged.
+    #   op 0 [0, 1]; W1 [0, 2], W2 [2, 4]; op 1 [2, 3.5]; W3 after W1's release (3.5): [4, 6];
+    #   op 2 [4, 5.5]; op 3 [6, 7.5].
+    plan = simple_plan(A, budget_bytes=384, device="cpu", alignment=ALIGN, activation_bytes=0)
+    costs = dataclasses.replace(costs_ms([1] * 4, [1.0] * 4, bytes_per_ms=50), wait_s=0.5 * MS)
+    tl = simulate(plan, costs)
+    assert in_ms(tl.load_start_s) == pytest.approx([0, 2, 4])
+    assert in_ms(tl.step_start_s) == pytest.approx([0, 2, 4, 6])
+    assert in_ms(tl.step_end_s) == pytest.approx([1, 3.5, 5.5, 7.5])
+
+
 # -- CostModel --------------------------------------------------------------------------------------------------------
 def test_cost_model_json_round_trip():
     costs = CostModel("cuda:0", "abc123", LinkCost("pinned host to cuda", 2.5e10, 7.5e-6),
@@ -184,6 +198,18 @@ def test_cost_model_json_round_trip():
     assert back.compute_s == pytest.approx(1.25e-4 + 3e-6)
     doc = json.loads(costs.to_json())
     assert doc["link"]["bandwidth_bytes_per_s"] == 2.5e10 and doc["steps"][1]["op_class"] == "Embedding"
+    # the per-wait cost travels too, and a cost model saved before it existed reads as 0
+    waited = dataclasses.replace(costs, wait_s=4e-6)
+    assert CostModel.from_json(waited.to_json()) == waited
+    del doc["wait_s"]
+    assert CostModel.from_json(json.dumps(doc)).wait_s == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphed", [False, True])
+def test_measure_wait_on_cuda(graphed):
+    wait = measure_wait(torch.device("cuda"), graphed)
+    assert 0.0 <= wait < 1e-3  # a few microseconds a step on an H200
 
 
 # -- profile ----------------------------------------------------------------------------------------------------------
