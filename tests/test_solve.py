@@ -467,3 +467,17 @@ def test_a_program_of_hundreds_of_steps_gets_a_solver_plan():
     assert plan.note == "solver"
     assert_promises(plan, prog, costs, 30 * U)
     assert plan.predicted_s <= simulate(simple_for(prog, 30 * U), costs).total_s
+
+
+def test_a_long_program_gets_a_windowed_relaxation_and_no_bound():
+    # Past EXACT_BOUND_OPS steps the relaxation is solved with loads limited to a window before their first use:
+    # its rounded plans still compete (each checked and predicted), but its optimum is no bound, so bound_s is
+    # None. 700 ops, one weight each, alternating 1 u and 3 u, at 20 u with 0.2 ms of compute per op.
+    n = solve.EXACT_BOUND_OPS + 100
+    prog = chain([(1 + 2 * (i % 2)) * U for i in range(n)])
+    costs = cost_model([0.2] * n, bytes_per_ms=2000)
+    plan = solve_for(prog, costs, 20 * U, SolverSettings(time_limit_s=2.0))
+    assert plan.bound_s is None
+    assert list(find_problems(plan, prog)) == [] and plan.total_bytes <= 20 * U
+    assert plan.predicted_s == pytest.approx(simulate(plan, costs).total_s)
+    assert plan.predicted_s <= simulate(simple_for(prog, 20 * U), costs).total_s + 1e-12
