@@ -72,7 +72,8 @@ def cmd_plan(args) -> int:
             costs = sm.costs or profile(sm, (ids,), {})
             measured = measure_timeline(sm, (ids,), {})
         plot_plan(sm.plan, sm.program, simulate(sm.plan, costs), args.out, measured=measured)
-        print(f"{sm.plan.summary(sm.program)}\npredicted {simulate(sm.plan, costs).total_s * 1e3:.2f} ms, "
+        bound = f" (no plan in this arena below {sm.plan.bound_s * 1e3:.2f} ms)" if sm.plan.bound_s else ""
+        print(f"{sm.plan.summary(sm.program)}\npredicted {simulate(sm.plan, costs).total_s * 1e3:.2f} ms{bound}, "
               f"measured {measured.total_s * 1e3:.2f} ms; wrote {args.out}")
     elif args.out:
         Path(args.out).write_text(sm.plan.to_json(sm.program))
