@@ -48,6 +48,20 @@ def test_compute_bound_hand_case_is_tight():
     assert solve_for(H, H_COSTS, H_BUDGET).predicted_s == pytest.approx(b.latency_s, rel=1e-6)
 
 
+def test_a_slowdown_beside_the_link_raises_the_bound():
+    # Three 1 u weights, ops of 2, 0 and 0 ms, 1 u per ms, a 2 u arena. Without slowdowns: W0 resident, W1
+    # arriving during op 0's 2 ms, W2 in a 1 ms wait before op 2 (op 1 releases W1 first): 3 ms. With op 0
+    # 3x slower beside the link, W1's 1 ms beside it would cost 2 ms more: the relaxation's optimum splits
+    # the weights (shares 1/2) at 3.5 ms, still below the simple plan's simulated 6 ms.
+    prog = chain([U, U, U])
+    plain = bound(prog, cost_model([2, 0, 0], bytes_per_ms=U), 2 * U)
+    assert plain.latency_s == pytest.approx(3 * MS, rel=1e-6) and plain.resident_share[0] == pytest.approx(1.0)
+    slowed_costs = cost_model([2, 0, 0], [3.0, 1.0, 1.0], bytes_per_ms=U)
+    slowed = bound(prog, slowed_costs, 2 * U)
+    assert slowed.latency_s == pytest.approx(3.5 * MS, rel=1e-6)
+    assert slowed.latency_s <= simulate(simple_for(prog, 2 * U), slowed_costs).total_s == pytest.approx(6 * MS)
+
+
 @pytest.mark.parametrize("arena", [5 * U, 6 * U, 7 * U])
 def test_container_runs_release_before_the_next_op_waits(arena):
     # B: a container op holds W0 (256 B in the arena) around two children that use W1 and W2 (64 B each).

@@ -2,11 +2,12 @@
 program (OR-Tools' GLOP), independent of the planners.
 
 The relaxation keeps what every plan obeys and drops what makes plans hard:
-- ops run in order, op k for at least its compute time (the slowdown beside a transfer is dropped);
+- ops run in order, op k for at least its compute time, longer by its slowdown for the part of the link's
+  busy time in its interval that is neither its wait nor its own stretch;
 - a call starts with only the resident weights in place; an op may wait for its loads, after the ops
   before it released theirs;
 - a streamed use run's bytes all arrive before its first op and stay until its last op ends;
-- the link moves at most `bandwidth` bytes per second (per-copy overheads are dropped);
+- the link moves at most `bandwidth` bytes per second (per-copy overheads and `wait_s` are dropped);
 - the arena holds the resident bytes, the runs in use and the bytes already arrived for later runs
   (a plan reserves a load's whole span at its start, so it holds at least that).
 A weight may be partly resident and a load may arrive in pieces over several steps. Every plan flashmem
@@ -79,6 +80,26 @@ def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignmen
     for k in range(n):
         link[k].SetCoefficient(w[k], -mb_per_ms)
         link_waiting[k].SetCoefficient(w[k], -mb_per_ms)
+    # An op slowed by s beside the link computes for c + (s - 1) x (the link's busy time during its compute),
+    # and of the link's busy time in its interval, all but the wait and the stretch itself overlaps it:
+    # stretch e >= (s - 1) / s x (arrivals / bandwidth - wait). The interval is that much longer.
+    stretch: dict[int, tuple] = {}
+    for k, step in enumerate(costs.steps):
+        if step.slowdown > 1.0:
+            factor = (step.slowdown - 1.0) / step.slowdown
+            e = lp.NumVar(0.0, inf, "")
+            row = lp.Constraint(-inf, 0.0)
+            row.SetCoefficient(w[k], -factor)
+            row.SetCoefficient(e, -1.0)
+            link[k].SetCoefficient(e, -mb_per_ms)
+            stretch[k] = (e, row, factor / mb_per_ms)
+
+    def arrive(j: int, var, coef_mb: float) -> None:
+        """`var` times `coef_mb` MB arrive in interval j."""
+        link[j].SetCoefficient(var, coef_mb)
+        if j in stretch:
+            _, row, per_mb = stretch[j]
+            row.SetCoefficient(var, coef_mb * per_mb)
     in_use = [0.0] * n  # MB of streamed runs in use at each interval, at rho = 0
     rho = {}
     for key, ws in groups.items():
@@ -92,16 +113,15 @@ def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignmen
             prev = None
             for j in range(0 if window_steps is None else max(0, first - window_steps), first + 1):
                 y = lp.NumVar(0.0, 1.0, "")
-                arrivals = link_waiting[j] if j == first else link[j]
-                arrivals.SetCoefficient(y, link_mb)
+                arrive(j, y, link_mb)
                 if j == first:
-                    link[j].SetCoefficient(y, link_mb)
+                    link_waiting[j].SetCoefficient(y, link_mb)
                 else:
                     memory[j].SetCoefficient(y, mb)
                 if prev is not None:
-                    arrivals.SetCoefficient(prev, -link_mb)
+                    arrive(j, prev, -link_mb)
                     if j == first:
-                        link[j].SetCoefficient(prev, -link_mb)
+                        link_waiting[j].SetCoefficient(prev, -link_mb)
                     grows = lp.Constraint(0.0, inf)
                     grows.SetCoefficient(y, 1.0)
                     grows.SetCoefficient(prev, -1.0)
@@ -117,7 +137,7 @@ def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignmen
     for j in range(n):
         memory[j].SetUb(arena_bytes * scale - in_use[j])
     objective = lp.Objective()
-    for v in w:
+    for v in w + [e for e, _, _ in stretch.values()]:
         objective.SetCoefficient(v, 1.0)
     objective.SetOffset(sum(compute_ms))
     objective.SetMinimization()
