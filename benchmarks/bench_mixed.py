@@ -363,12 +363,13 @@ def relaxation_bound_ms(args, program, costs, plan, budget: int) -> float:
     from dataclasses import replace
 
     from flashmem.bound import latency_bound
+    from flashmem.plan import arena_limit
     from flashmem.streamed import CUDA_GRANULARITY
 
     granularity = CUDA_GRANULARITY if args.device == "cuda" else plan.alignment
     scale = min(1.0, args.resident_ms / (costs.compute_s * 1e3)) if args.resident_ms else 1.0
     scaled = replace(costs, steps=tuple(replace(s, compute_s=s.compute_s * scale) for s in costs.steps))
-    avail = (budget - plan.activation_bytes - plan.fixed_bytes) // granularity * granularity
+    avail = arena_limit(budget, plan.activation_bytes, plan.fixed_bytes, granularity)
     return latency_bound(program, scaled, avail, plan.alignment).latency_s * 1e3
 
 

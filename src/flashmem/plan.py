@@ -175,7 +175,7 @@ def use_runs(program: Program) -> list[UseRun]:
     return sorted(runs, key=lambda r: (r.first_use, r.weight))
 
 
-def _minimum_ring(program: Program, runs: list[UseRun], alignment: int) -> tuple[int, int]:
+def minimum_ring(program: Program, runs: list[UseRun], alignment: int) -> tuple[int, int]:
     """(bytes, op) of the most weight bytes that must be in place at once if nothing is resident."""
     live = [0] * len(program.ops)
     for r in runs:
@@ -278,14 +278,20 @@ def _smallest_ring(program: Program, runs: list[UseRun], low: int, alignment: in
     return high
 
 
+def arena_limit(budget_bytes: int, activation_bytes: int, fixed_bytes: int, granularity: int = 1) -> int:
+    """The most arena a budget leaves once activations and fixed bytes are off the top, in whole units of
+    `granularity` (the allocator's block on CUDA)."""
+    return (budget_bytes - activation_bytes - fixed_bytes) // granularity * granularity
+
+
 def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: int,
                 activation_bytes: int, granularity: int = 1) -> "Plan":
     """Keep what fits resident (in order of first use), stream the rest through a ring, each load
     starting as soon as the bytes it lands on are free. Raises BudgetTooSmall if nothing fits."""
     runs = use_runs(program)
     fixed = activation_bytes + program.fixed_bytes
-    avail = (budget_bytes - fixed) // granularity * granularity
-    need, need_step = _minimum_ring(program, runs, alignment)
+    avail = arena_limit(budget_bytes, activation_bytes, program.fixed_bytes, granularity)
+    need, need_step = minimum_ring(program, runs, alignment)
     if avail < need:
         total_need = align_up(need, granularity) + fixed
         op = program.ops[need_step]
@@ -394,13 +400,13 @@ def next_layer_plan(program: Program, *, budget_bytes: int, device: str, alignme
     them, where it does not fit the budget."""
     runs = use_runs(program)
     fixed = activation_bytes + program.fixed_bytes
-    avail = (budget_bytes - fixed) // granularity * granularity
+    avail = arena_limit(budget_bytes, activation_bytes, program.fixed_bytes, granularity)
     layer = op_layers(program, layer_of)
     first_op: dict[int, int] = {}
     for op in program.ops:
         first_op.setdefault(layer[op.index], op.index)
     starts = [first_op[layer[r.first_use] - 1] if layer[r.first_use] > 0 else 0 for r in runs]
-    need, need_step = _minimum_ring(program, runs, alignment) if runs else (0, 0)
+    need, need_step = minimum_ring(program, runs, alignment) if runs else (0, 0)
     every_load = sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs)
     whole = min(avail, every_load) // alignment * alignment
     loads = place_ring(program, runs, 0, whole, alignment, starts=starts) if runs and whole >= need else None

@@ -33,7 +33,8 @@ from .check import find_problems
 from .errors import FlashmemError
 from .costs import CostModel, simulate
 from .bound import latency_bound
-from .plan import Load, Plan, Resident, UseRun, _minimum_ring, place_ring, ring_layout, simple_plan, use_runs
+from .plan import (Load, Plan, Resident, UseRun, arena_limit, minimum_ring, place_ring, ring_layout, simple_plan,
+                   use_runs)
 from .trace import Program
 from .units import align_up
 
@@ -249,7 +250,7 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
         first.setdefault(r.weight, r.first_use)
     size = {w: align_up(program.weights[w].nbytes, alignment) for w in first}
     ranked = sorted(first, key=lambda w: (-relaxed.resident_share[w], first[w]))
-    need = _minimum_ring(program, runs, alignment)[0]
+    need = minimum_ring(program, runs, alignment)[0]
     plans, seen = [], set()
     for factor in RING_FACTORS:
         order, total = [], 0
@@ -285,7 +286,7 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
     simple = simple_plan(program, budget_bytes=budget_bytes, device=device, alignment=alignment,
                          activation_bytes=activation_bytes, granularity=granularity)  # raises BudgetTooSmall
     simple = replace(simple, predicted_s=simulate(simple, costs).total_s)
-    avail = (budget_bytes - activation_bytes - program.fixed_bytes) // granularity * granularity
+    avail = arena_limit(budget_bytes, activation_bytes, program.fixed_bytes, granularity)
     runs = use_runs(program)
     # Sizes in units of the alignment: exact, as the arena allocates them.
     size_u = {w.index: align_up(w.nbytes, alignment) // alignment for w in program.weights}
