@@ -11,9 +11,13 @@ with flashmem.queue.MemorySampler on):
   flashmem                  flashmem.queue.run_queue(spec): one Workload under the spec's budget
   flashmem_host             the same with host_budget=--host-budget (CUDA): every sequence reads the weights
                             from files (the page cache warm) through a pinned staging ring of that size
+  flashmem_graphs           the same with cuda_graphs=True: from the second run on, the whole sequence replays
+                            as one CUDA graph
   load_each                 per call: model.to(device) from pageable host memory, forward, model.to("cpu"),
                             torch.cuda.empty_cache()
   resident                  every model on the device for good (if it fits): the compute floor
+  resident_graphs           the same, each model's call captured once as a CUDA graph and replayed: the
+                            compute floor without the host's launch time (flashmem_graphs' floor)
   accelerate_model_offload  accelerate.cpu_offload_with_hook chained in the spec's model order, as diffusers'
                             enable_model_cpu_offload does (a model is offloaded when its successor in that
                             order runs, so a random call order can leave several on the device)
@@ -44,7 +48,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODES = ["resident", "flashmem", "flashmem_host", "load_each", "accelerate_model_offload"]
+MODES = ["resident", "resident_graphs", "flashmem", "flashmem_graphs", "flashmem_host", "load_each",
+         "accelerate_model_offload"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -151,7 +156,7 @@ def child_flashmem(spec, dev) -> dict:
     row = {"total_s": run.total_s, "setup_s": run.setup_s, "peak_bytes": run.peak_bytes,
            "average_bytes": run.average_bytes, "baseline_bytes": run.baseline_bytes,
            "streamed_bytes": run.streamed_bytes, "samples": samples_of(run.sampler),
-           "per_call_s": [r.end_s - r.start_s for r in run.results]}
+           "per_call_s": [r.end_s - r.start_s for r in run.results], "graph_refusals": run.graph_refusals}
     row.update(output_checks(names, [r.output for r in run.results]))
     del run
     gc.collect()
@@ -183,12 +188,16 @@ def child_baseline(spec, dev, mode: str) -> dict:
     row: dict = {"model_bytes": sum(nbytes.values())}
     before = after = None  # per-call actions of load_each
     t0 = time.perf_counter()
-    if mode == "resident":
+    call = lambda name, kwargs: models[name](**kwargs)  # noqa: E731
+    if mode in ("resident", "resident_graphs"):
         try:
             for m in models.values():
                 m.to(dev)
         except torch.OutOfMemoryError as err:
             raise RuntimeError(f"the models ({C.fmt_gb(row['model_bytes'])} GB) do not fit on {dev}: {err}") from None
+        if mode == "resident_graphs":
+            graphed = {name: graph_call(models[name], inputs[name], dev) for name in models}
+            call = lambda name, kwargs: graphed[name](kwargs)  # noqa: E731
     elif mode == "load_each":
         before = lambda name: models[name].to(dev)  # noqa: E731
         after = lambda name: (models[name].to("cpu"), cuda and torch.cuda.empty_cache())  # noqa: E731
@@ -217,7 +226,7 @@ def child_baseline(spec, dev, mode: str) -> dict:
                 if before:
                     before(name)
                 kwargs = tree_map(lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x, inputs[name])
-                outs.append(_to_host(models[name](**kwargs)))
+                outs.append(_to_host(call(name, kwargs)))
                 if after:
                     after(name)
                 if cuda:
@@ -248,6 +257,39 @@ def child_baseline(spec, dev, mode: str) -> dict:
     return row
 
 
+def graph_call(model, inputs: dict, dev):
+    """`model`'s call on `inputs` captured as a CUDA graph (after two warm-up calls on a side stream, as
+    PyTorch's docs do; device constants made from Python data come from pinned memory, as flashmem's
+    captures make them): a function of the inputs that copies them into the graph's, replays it and gives
+    its outputs."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    from flashmem.graphs import HostSlabs, _HostConstants
+
+    static = tree_map(lambda x: x.to(dev).clone() if isinstance(x, torch.Tensor) else x, inputs)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            model(**static)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph, slabs = torch.cuda.CUDAGraph(), HostSlabs()
+    with torch.no_grad(), torch.cuda.graph(graph), _HostConstants(slabs):
+        out = model(**static)
+    dst = tree_flatten(static)[0]
+
+    def replay(kwargs: dict):
+        for d, src in zip(dst, tree_flatten(kwargs)[0]):
+            if isinstance(d, torch.Tensor):
+                d.copy_(src)
+        graph.replay()
+        return out
+
+    replay.keep = (graph, slabs, static)
+    return replay
+
+
 def child(args) -> None:
     base = {"mode": args.mode}
     try:
@@ -266,6 +308,8 @@ def child(args) -> None:
             from flashmem.units import parse_bytes
 
             spec = dataclasses.replace(spec, host_budget_bytes=parse_bytes(args.host_budget))
+        if args.mode == "flashmem_graphs":
+            spec = dataclasses.replace(spec, cuda_graphs=True)
         if args.mode.startswith("flashmem"):
             row = child_flashmem(spec, dev)
         else:
@@ -313,10 +357,14 @@ def main(argv=None) -> int:
     for r in rows:
         r["equal"] = None if ref is None or "digests" not in r else r["digests"] == ref
     res = by_mode.get("resident", {})
-    for fm in (by_mode.get("flashmem", {}), by_mode.get("flashmem_host", {})):
-        if "total_s" in fm and "total_s" in res and fm.get("link_Bps"):
+    for mode in ("flashmem", "flashmem_graphs", "flashmem_host"):
+        fm = by_mode.get(mode, {})
+        # a graphed sequence's compute floor is the graphed resident models' (where that row ran)
+        ref = by_mode.get("resident_graphs", res) if mode == "flashmem_graphs" else res
+        ref = ref if "total_s" in ref else res
+        if "total_s" in fm and "total_s" in ref and fm.get("link_Bps"):
             fm["link_s"] = fm["streamed_bytes"] / fm["link_Bps"]
-            fm["floor_s"] = max(res["total_s"], fm["link_s"])
+            fm["floor_s"] = max(ref["total_s"], fm["link_s"])
             fm["x_floor"] = fm["total_s"] / fm["floor_s"]
 
     samples = {r["mode"]: r.pop("samples") for r in rows if "samples" in r}
@@ -339,8 +387,12 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("error"):
             print(f"ERROR {r['mode']}: {r['error']}" + (f"\n{r['log_tail']}" if r.get("log_tail") else ""))
-    if "link_Bps" in fm:
+    fm = next((r for r in rows if "link_Bps" in r), {})
+    if fm:
         print(f"link ({fm['link_kind']}): {fm['link_Bps'] / 1e9:.2f} GB/s")
+    for r in rows:
+        if r.get("graph_refusals"):
+            print(f"{r['mode']} ran eagerly: {r['graph_refusals']}")
     for r in rows:
         if r.get("per_model_median_ms"):
             print(f"{r['mode']} per-model median ms: {r['per_model_median_ms']}")

@@ -148,3 +148,11 @@ def test_queue_spec_takes_split_bytes():
     assert parse_spec(dict(base, split_bytes="64KiB")).split_bytes == 64 * 1024
     with pytest.raises(flashmem.BadBudget):
         parse_spec(dict(base, split_bytes="lots"))
+
+
+def test_queue_spec_takes_cuda_graphs():
+    from flashmem.queue import parse_spec
+
+    base = {"budget": "1MB", "models": [{"name": "a", "transformers": "ViTModel"}]}
+    assert parse_spec(base).cuda_graphs is False
+    assert parse_spec(dict(base, cuda_graphs=True)).cuda_graphs is True

@@ -236,6 +236,9 @@ def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
 def test_cuda_graphs_refused_off_cuda():
     with pytest.raises(flashmem.FlashmemError, match="cuda_graphs=True replays CUDA kernels"):
         flashmem.stream(nn.Linear(4, 4), "1MiB", device="cpu", example_inputs=(torch.ones(1, 4),), cuda_graphs=True)
+    with pytest.raises(flashmem.FlashmemError, match="cuda_graphs=True replays CUDA kernels"):
+        flashmem.Workload({"a": nn.Linear(4, 4)}, "1MiB", device="cpu", examples={"a": ((torch.ones(1, 4),), {})},
+                          cuda_graphs=True)
 
 
 @cuda
@@ -243,3 +246,93 @@ def test_cuda_graphs_refused_with_a_host_budget():
     with pytest.raises(flashmem.FlashmemError, match="cannot capture a host_budget call"):
         flashmem.stream(nn.Linear(4, 4), "64MiB", device="cuda", example_inputs=(torch.ones(1, 4),),
                         host_budget="1MiB", cuda_graphs=True)
+
+
+class Constants(nn.Module):
+    """Device constants made from Python data in the forward (`torch.tensor(..., device=)` as GPT-Neo's
+    attention does, `Tensor.new_tensor` of a Python argument): copies from pageable memory that a plain
+    capture cannot hold. Replays must copy the same values again, and a new value of `t` (another input
+    signature) its own."""
+
+    def __init__(self, width: int = 512):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+
+    def forward(self, x, t: float = 2.0):
+        h = self.a(x) * x.new_tensor([t, 1.0])[0]
+        floor = torch.tensor(-1.5, dtype=h.dtype, device=h.device)
+        return self.b(torch.maximum(h, floor))
+
+
+@cuda
+def test_cuda_graphs_capture_device_constants_from_python_data():
+    torch.manual_seed(0)
+    model = Constants().half().eval()
+    x = torch.randn(8, 512, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        model.cuda()
+        refs = {t: model(x, t=t).clone() for t in (2.0, 3.0)}
+    model.cpu()
+    sm = flashmem.stream(model, model_bytes(model) // 2 + 48 * MiB, device="cuda", example_inputs=(x,),
+                         cuda_graphs=True)
+    try:
+        assert sm.plan.loads, "the budget must make the plan stream"
+        with torch.no_grad():
+            outs = [(t, sm(x, t=t)) for t in (2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0)]
+        for i, (t, out) in enumerate(outs):
+            assert torch.equal(out, refs[t]), f"call {i} (t={t})"
+        assert sm.graph_refusals == {} and sm._graphs.replays >= 3
+    finally:
+        sm.close()
+        settle()
+
+
+def _wide_mlp(seed: int, width: int, depth: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth)]
+    return nn.Sequential(*layers).half().eval()
+
+
+@cuda
+def test_workload_cuda_graphs_replay_the_sequence_exactly_within_the_budget():
+    """Three models (two MLPs of other widths, one with device constants) in a sequence that replays as one
+    graph from its second run on: every output bit-identical to the model run alone, outputs on the host and
+    left alone by later replays, call times from the graph's events in order, reserved memory within the
+    budget."""
+    models = {"wide": _wide_mlp(1, 2048, 8), "narrow": _wide_mlp(2, 1024, 6), "consts": Constants(1024).half().eval()}
+    g = torch.Generator().manual_seed(4)
+    inputs = {"wide": torch.randn(16, 2048, generator=g).half().cuda(),
+              "narrow": torch.randn(16, 1024, generator=g).half().cuda(),
+              "consts": torch.randn(16, 1024, generator=g).half().cuda()}
+    refs = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            refs[name] = m.cuda()(inputs[name]).cpu()
+            m.cpu()
+    settle()
+    nbytes = sum(model_bytes(m) for m in models.values())
+    budget = nbytes // 2 + 48 * MiB
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    wl = flashmem.Workload(models, budget, device="cuda", examples={k: ((x,), {}) for k, x in inputs.items()},
+                           cuda_graphs=True)
+    order = ["wide", "consts", "narrow", "wide", "narrow", "consts"]
+    calls = [(k, (inputs[k],), {}) for k in order]
+    try:
+        assert wl.plan.loads, "the budget must make the plan stream"
+        runs = [wl.run(calls) for _ in range(4)]
+        assert wl.graph_refusals == {} and wl.streamed._graphs.replays >= 2
+        for i, results in enumerate(runs):
+            assert [r.name for r in results] == order
+            for r in results:
+                assert r.error is None, r.error
+                assert r.output.device.type == "cpu"
+                assert torch.equal(r.output, refs[r.name]), f"run {i}, {r.name}"
+            stamps = [s for r in results for s in (r.start_s, r.end_s)]
+            assert stamps == sorted(stamps), f"run {i}: call times out of order"
+        growth = torch.cuda.max_memory_reserved() - before
+        assert growth <= budget, f"reserved memory grew by {fmt_bytes(growth)} at a budget of {fmt_bytes(budget)}"
+    finally:
+        wl.close()
+        settle()

@@ -21,6 +21,12 @@ where its inputs hold objects other than tensors and Python scalars, or where it
 `refused` says why.
 Like `torch.compile(mode="reduce-overhead")`, a replay runs the kernels of the capture: a forward whose
 work depends on Python state other than its arguments needs eager mode.
+
+Constants made from Python data on the device (`torch.tensor(x, device="cuda")`, `torch.as_tensor`,
+`Tensor.new_tensor`: GPT-Neo's attention mask value, diffusers' timestep given as a number) are copies from
+pageable host memory, which sync and cannot be captured. While probing and capturing they are made from
+pinned memory that the runner holds until it closes, so each replay copies the same values again: the data
+is the call's own (a Python scalar argument is part of the input signature) or a constant of the model.
 """
 from __future__ import annotations
 
@@ -33,13 +39,17 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import GraphWarning
+from torch.overrides import TorchFunctionMode
+
 from .run_cuda import cap_allocator, lift_allocator_cap, unreleasable_bytes
+from .store import page_aligned_bytes
 from .trace import input_signature
 from .units import fmt_bytes
 
 EAGER = object()  # GraphRunner.call's answer where the call should run eagerly
 PROBE = object()  # GraphRunner.call's answer where the call runs eagerly under `GraphRunner.probe`
 SYNC_WARNING = "called a synchronizing CUDA operation"  # PyTorch's text in sync debug mode "warn"
+HOST_SLAB_BYTES = 256 * 2**10  # pinned host memory for constants and output copies, taken in slabs of this size
 GRAPH_SMALL_SEGMENT = 2 * 2**20  # a private pool's first small block takes a segment of this size
 CAPTURES_PER_SIGNATURE = 3  # a signature whose graph is dropped and captured again this often stays eager
 
@@ -55,6 +65,7 @@ class _Graph:
     marked: list[int]  # ops whose waits the capture timed
     load_marks: list
     held_bytes: int = 0  # reserved memory the graph holds: its pool, the static inputs
+    host_out: bool = False  # some outputs are host tensors that the graph's copies fill: sync before reading
 
 
 def copy_out(obj):
@@ -76,9 +87,10 @@ def copy_out(obj):
 
 
 def tensor_bytes(obj) -> int:
-    """Bytes of the tensors in a call's inputs or output, reached as `copy_out` reaches them."""
+    """Bytes of the device tensors in a call's inputs or output, reached as `copy_out` reaches them (an output
+    copied to the host as it is made, a Workload's, takes no room on the device)."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        return obj.numel() * obj.element_size() if obj.device.type != "cpu" else 0
     if isinstance(obj, dict):
         return sum(tensor_bytes(v) for v in obj.values())
     if isinstance(obj, (tuple, list)):
@@ -105,6 +117,81 @@ def _uncapturable(leaves: list) -> str | None:
     return None
 
 
+def _python_data(x) -> bool:
+    """Numbers, or (nested) lists and tuples of them: what `torch.tensor` copies from pageable memory."""
+    if isinstance(x, (bool, int, float, complex)):
+        return True
+    return isinstance(x, (list, tuple)) and all(_python_data(v) for v in x)
+
+
+class HostSlabs:
+    """Pinned host memory (registered anonymous mappings, so PyTorch sees every view as pinned) handed out in
+    pieces that stay valid until `release`: what a captured graph copies from or into at every replay."""
+
+    def __init__(self):
+        self._slabs: list[torch.Tensor] = []
+        self._used = 0
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        start = -(-self._used // 64) * 64
+        if not self._slabs or start + nbytes > self._slabs[-1].numel():
+            slab = page_aligned_bytes(max(nbytes, HOST_SLAB_BYTES))
+            err = torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), slab.numel(), 0)
+            if int(err) != 0:
+                raise _Refused(f"pinning {fmt_bytes(slab.numel())} of host memory failed (cudaHostRegister error "
+                               f"{int(err)})")
+            self._slabs.append(slab)
+            start = 0
+        self._used = start + max(nbytes, 1)
+        return self._slabs[-1][start:start + nbytes].view(dtype).view(shape)
+
+    def release(self) -> None:
+        """After every copy that reads or fills the slabs has ended (the caller synchronizes)."""
+        slabs, self._slabs, self._used = self._slabs, [], 0
+        for slab in slabs:
+            torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
+
+
+class _HostConstants(TorchFunctionMode):
+    """While probing and capturing: device tensors made from Python data are copied from pinned memory (see
+    the module's docstring)."""
+
+    def __init__(self, slabs: HostSlabs):
+        super().__init__()
+        self.slabs = slabs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.tensor or func is torch.as_tensor or func is torch.Tensor.new_tensor:
+            made = self._from_pinned(func, args, kwargs)
+            if made is not None:
+                return made
+        return func(*args, **kwargs)
+
+    def _from_pinned(self, func, args, kwargs):
+        if func is torch.Tensor.new_tensor:
+            if len(args) < 2:
+                return None
+            like, data = args[0], args[1]
+            device = torch.device(kwargs.get("device") or like.device)
+            dtype = kwargs.get("dtype") or like.dtype
+        else:
+            data = args[0] if args else kwargs.get("data")
+            device = kwargs.get("device")
+            device = torch.device(device) if device is not None else None
+            dtype = kwargs.get("dtype")
+        if device is None or device.type != "cuda" or not _python_data(data):
+            return None
+        host = torch.tensor(data, dtype=dtype)
+        pinned = self.slabs.empty(host.shape, host.dtype)
+        pinned.copy_(host)
+        out = pinned.to(device, non_blocking=True)
+        if kwargs.get("requires_grad"):
+            out.requires_grad_(True)
+        return out
+
+
 class GraphRunner:
     """Captures and replays one StreamedModel's calls (see the module's docstring)."""
 
@@ -118,6 +205,9 @@ class GraphRunner:
         self.replays = 0  # calls answered by a replay
         self.probed: set[str] = set()  # signatures whose eager call ran under `probe` and did not sync
         self.probe_signature = ""  # the signature of the call `call` last answered PROBE
+        self.probing = False  # within `probe`
+        self.host = HostSlabs()  # pinned memory the probes' and graphs' host copies use, held until `close`
+        self.host_copies = 0  # outputs `to_host` copied into it
 
     def probe(self):
         """A context for the eager call before a capture: a call that syncs with the host is refused here, since
@@ -161,6 +251,22 @@ class GraphRunner:
             self.drop()
             return self._capture(signature, key, executor, leaves, spec)
 
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` copied to the host without a sync where the call is probed or captured (into pinned memory; the
+        copy has ended once the caller's stream is synchronized, as a replay's caller is), else `t.cpu()`."""
+        if not (self.probing or self.capturing) or t.device.type == "cpu":
+            return t.cpu()
+        out = self.host.empty(t.shape, t.dtype)
+        out.copy_(t, non_blocking=True)
+        self.host_copies += 1
+        return out
+
+    def close(self) -> None:
+        """Drop the graph and give the pinned host memory back."""
+        self.drop()
+        torch.cuda.synchronize(self.sm.device)
+        self.host.release()
+
     def drop(self) -> None:
         """Give the graph and its pool back (before an eager call, or at close)."""
         if self.graph is None or self.capturing:
@@ -190,9 +296,11 @@ class GraphRunner:
             static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
             static_args, static_kwargs = tree_unflatten(static, spec)
             graph = torch.cuda.CUDAGraph()
+            copies_before = self.host_copies
             self.capturing = True
             try:
-                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"), \
+                        _HostConstants(self.host):
                     out = sm._run_eager(static_args, static_kwargs)
             finally:
                 self.capturing = False
@@ -202,6 +310,7 @@ class GraphRunner:
             mover = executor.mover
             entry = _Graph(key, executor, graph, static, out, mover._pending, list(mover.marked),
                            list(mover.load_marks))
+            entry.host_out = self.host_copies > copies_before
             result = self._replay(entry, leaves, fresh=True)
             torch.cuda.synchronize(dev)
         except Exception as err:  # noqa: BLE001 - any capture failure: the call runs eagerly (and fails there if it must)
@@ -239,6 +348,8 @@ class GraphRunner:
         mover.marked, mover.load_marks = list(entry.marked), list(entry.load_marks)
         entry.graph.replay()
         self.replays += 1
+        if entry.host_out:
+            torch.cuda.current_stream(self.sm.device).synchronize()
         return copy_out(entry.out)
 
 
@@ -252,9 +363,14 @@ class _Probe:
         self.records = self.caught.__enter__()
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
+        self.constants = _HostConstants(self.runner.host)
+        self.constants.__enter__()
+        self.runner.probing = True
         return self
 
     def __exit__(self, kind, value, tb):
+        self.runner.probing = False
+        self.constants.__exit__(kind, value, tb)
         torch.cuda.set_sync_debug_mode(self.previous)
         self.caught.__exit__(kind, value, tb)
         syncs = 0

@@ -58,6 +58,7 @@ class QueueSpec:
     cpu_reads: str = "auto"
     host_budget_bytes: int | None = None  # CUDA: weights streamed from storage through a ring of this size
     split_bytes: int | None = None  # larger linear layers stream in blocks, larger tables are read by rows
+    cuda_graphs: bool = False  # CUDA: the sequence replays as one CUDA graph from its second run on
 
     def sequence(self) -> list[str]:
         """The model names in call order: `rounds` rounds of `order` (a random permutation per round)."""
@@ -107,7 +108,8 @@ def parse_spec(raw: dict, base: Path = Path(".")) -> QueueSpec:
     return QueueSpec(tuple(models), parse_bytes(raw["budget"]), raw.get("device", "cpu"), dtype,
                      int(raw.get("rounds", 1)), order, int(raw.get("seed", 0)), raw.get("cpu_reads", "auto"),
                      parse_bytes(raw["host_budget"]) if raw.get("host_budget") is not None else None,
-                     parse_bytes(raw["split_bytes"]) if raw.get("split_bytes") is not None else None)
+                     parse_bytes(raw["split_bytes"]) if raw.get("split_bytes") is not None else None,
+                     bool(raw.get("cuda_graphs", False)))
 
 
 def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0, fill_device: str = "cpu") -> nn.Module:
@@ -246,11 +248,13 @@ class QueueRun:
     budget_bytes: int = 0
     sampler: MemorySampler | None = None
     baseline_bytes: int = 0
+    graph_refusals: dict = field(default_factory=dict)  # cuda_graphs: sequence signature -> why it ran eagerly
 
 
 def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
-    """Build the spec's models, make a Workload under its budget, run its sequence (after one untimed run
-    of the same sequence when `warmup`), sampling memory."""
+    """Build the spec's models, make a Workload under its budget, run its sequence (after untimed runs of
+    the same sequence when `warmup`: one, or with cuda_graphs three, which plan, probe and capture it),
+    sampling memory."""
     from .workload import Workload
 
     device = torch.device(spec.device)
@@ -263,10 +267,11 @@ def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
     base = sampler.read()  # on the CPU, taken again after the first run: RSS then holds the models' code
     t0 = time.perf_counter()
     wl = Workload(models, spec.budget_bytes, device=spec.device, examples={k: ((), v) for k, v in inputs.items()},
-                  cpu_reads=spec.cpu_reads, host_budget=spec.host_budget_bytes, split_bytes=spec.split_bytes)
+                  cpu_reads=spec.cpu_reads, host_budget=spec.host_budget_bytes, split_bytes=spec.split_bytes,
+                  cuda_graphs=spec.cuda_graphs)
     calls = [(name, (), inputs[name]) for name in spec.sequence()]
     try:
-        if warmup:
+        for _ in range((3 if spec.cuda_graphs else 1) if warmup else 0):
             wl.run(calls)
         setup_s = time.perf_counter() - t0
         if device.type == "cpu":
@@ -291,7 +296,7 @@ def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
         if failed:
             raise FlashmemError(f"{len(failed)} of {len(results)} calls failed; the first: {failed[0].error!r}")
         return QueueRun(results, total, setup_s, peak - base, sampler.average_bytes() - base,
-                        wl.plan.streamed_bytes, spec.budget_bytes, sampler, base)
+                        wl.plan.streamed_bytes, spec.budget_bytes, sampler, base, wl.graph_refusals)
     finally:
         wl.close()
 

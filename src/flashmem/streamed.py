@@ -623,7 +623,7 @@ class StreamedModel:
         """Remove the hooks and free the arena and the store. The model's weights went to flashmem's store
         and go with it: a later call of the model raises a FlashmemError that says so."""
         if self._graphs is not None:
-            self._graphs.drop()
+            self._graphs.close()
             self._graphs = None
         for h in self._hooks:
             h.remove()

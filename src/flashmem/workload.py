@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import FlashmemError
+from .run_cuda import timing_event
 from .streamed import StreamedModel, build, _store_from_tensors
 from .trace import Op, Program, input_signature
 
@@ -68,6 +69,7 @@ class _Queue(nn.Module):
         self.between_models = None
 
     def forward(self, calls: tuple[Call, ...]):
+        self.results = []  # this call's (a capture that failed is called again eagerly)
         for k, (name, args, kwargs) in enumerate(calls):
             if self.on_boundary:
                 self.on_boundary(k)
@@ -82,19 +84,20 @@ class _Queue(nn.Module):
         return self.results
 
 
-def _to_host(out: Any) -> Any:
-    """A call's output with its tensors on the host. Other objects in it (a KV cache of a transformers
-    model) are dropped: they hold device memory that no budget counts once the call has ended."""
+def _to_host(out: Any, move=torch.Tensor.cpu) -> Any:
+    """A call's output with its tensors on the host (each moved by `move`). Other objects in it (a KV cache
+    of a transformers model) are dropped: they hold device memory that no budget counts once the call has
+    ended."""
     if isinstance(out, torch.Tensor):
-        return out.cpu()
+        return move(out)
     if isinstance(out, dict):  # transformers' ModelOutput is an ordered dict
-        moved = {k: _to_host(v) for k, v in out.items()}
+        moved = {k: _to_host(v, move) for k, v in out.items()}
         try:
             return type(out)(**moved)
         except TypeError:
             return moved
     if isinstance(out, (tuple, list)):
-        return type(out)(_to_host(v) for v in out)
+        return type(out)(_to_host(v, move) for v in out)
     if isinstance(out, (int, float, bool, str, type(None))):
         return out
     return None
@@ -107,11 +110,17 @@ class Workload:
     model, traced together as the first sequence. cpu_reads and host_budget (CUDA: what the host may hold
     of the weights, a staging ring that each sequence reads them through from storage) and split_bytes
     (every model's large linear layers in blocks, embedding tables read by rows) as for `flashmem.stream`.
+
+    cuda_graphs (CUDA): from the second run of a sequence on, replay the whole sequence, every call of every
+    model with its loads, as one CUDA graph (see `flashmem.graphs`); each output is copied to the host
+    inside the graph, and the calls' times come from events recorded in it. A sequence whose calls cannot
+    all be captured runs eagerly; `graph_refusals` says why.
     """
 
     def __init__(self, models: dict[str, nn.Module], budget, device: str = "cpu",
                  examples: dict[str, tuple[tuple, dict]] | None = None, cpu_reads: str = "auto",
-                 keep_on_device: bool = False, debug=None, host_budget=None, split_bytes=None):
+                 keep_on_device: bool = False, debug=None, host_budget=None, split_bytes=None,
+                 cuda_graphs: bool = False):
         if not models:
             raise FlashmemError("a Workload needs at least one model")
         missing = sorted(set(models) - set(examples or {}))
@@ -131,10 +140,15 @@ class Workload:
         self.streamed: StreamedModel = build(self.queue, budget, device, (first,), None,
                                              source=_store_from_tensors, debug=debug, cpu_reads=cpu_reads,
                                              hooks=self._hook_up, host_budget=host_budget,
-                                             split_bytes=split_bytes)
+                                             split_bytes=split_bytes, cuda_graphs=cuda_graphs)
         self._tracing_calls = None
+        runner = self.streamed._graphs
         if self.streamed.device.type == "cuda" and not keep_on_device:
             self.queue.between_models = torch.cuda.empty_cache
+            if runner is not None:  # a capture keeps its pool; no cache to empty in it
+                self.queue.between_models = lambda: runner.capturing or torch.cuda.empty_cache()
+                self.queue.to_host = lambda out: _to_host(out, runner.to_host)
+        self._graph_events: tuple = (None, [])  # (the graph, the events its capture recorded at each boundary)
         self.last: list[CallResult] = []
 
     def _hook_up(self, sm: StreamedModel) -> None:
@@ -216,15 +230,19 @@ class Workload:
             raise FlashmemError(f"no model named {', '.join(map(repr, unknown))} in this Workload "
                                 f"(it has {', '.join(map(repr, self.names))})")
         results: list[CallResult] = []
+        runner = self.streamed._graphs
         done = 0
         while done < len(calls):
             rest = tuple(calls[done:])
             self.queue.results = []
             times = [time.perf_counter()]
-            self.queue.on_boundary = lambda k, times=times: (self._boundary(k), times.append(time.perf_counter()))
+            events: list = []
+            self.queue.on_boundary = lambda k, times=times, events=events: self._stamp(k, times, events)
+            replays = runner.replays if runner is not None else 0
+            returned = None
             try:
                 with torch.no_grad():
-                    self.streamed(rest)
+                    returned = self.streamed(rest)
                 error = None
             except Exception as err:  # the call that failed gets it; the rest runs on its own plan
                 error = err
@@ -233,6 +251,12 @@ class Workload:
                 self._tracing_calls = None
             outs = self.queue.results
             stamps = times[1:]
+            if runner is not None:
+                torch.cuda.synchronize(self.streamed.device)  # a probed call's host copies have landed
+                if events:
+                    self._graph_events = (runner.graph, events)
+                if error is None and runner.replays > replays:  # the sequence was a graph's replay
+                    outs, stamps = returned, self._replayed_stamps(runner, times[0], len(rest))
             for k, out in enumerate(outs):
                 results.append(CallResult(rest[k][0], out, None, stamps[k], stamps[k + 1]))
             done += len(outs)
@@ -243,6 +267,29 @@ class Workload:
                 done += 1
         self.last = results
         return results
+
+    def _stamp(self, k: int, times: list, events: list) -> None:
+        """The boundary before call k (and after the last): its host time; in a capture, an event too."""
+        self._boundary(k)
+        times.append(time.perf_counter())
+        runner = self.streamed._graphs
+        if runner is not None and runner.capturing:
+            event = timing_event()
+            event.record()
+            events.append(event)
+
+    def _replayed_stamps(self, runner, start_s: float, calls: int) -> list[float]:
+        """The boundaries of a replayed sequence, from the events its capture recorded (the replay recorded
+        them again), counted from `start_s`."""
+        graph, events = self._graph_events
+        if graph is not runner.graph or len(events) != calls + 1:
+            raise FlashmemError("internal: a replayed Workload sequence has no boundary events of its capture")
+        return [start_s + events[0].elapsed_time(e) / 1e3 for e in events]
+
+    @property
+    def graph_refusals(self) -> dict[str, str]:
+        """With cuda_graphs=True: per sequence signature that runs eagerly, why."""
+        return self.streamed.graph_refusals
 
     @property
     def plan(self):
