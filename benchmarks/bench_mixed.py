@@ -23,7 +23,8 @@ Per streamed row: median of --iters warm calls (synchronize + perf_counter) with
 latency, flashmem.costs.simulate(plan, costs), with costs from one flashmem.costs.profile in that child (the
 solver mode's own profile, sm.costs), and the solver's plan.predicted_s; predicted/measured; peak reserved
 memory over what the child held before set-up (CUDA; the CPU reports stats.peak_bytes) against the budget;
-stats.streamed_bytes; torch.equal against the resident output; plan.status and plan.note.
+stats.streamed_bytes; torch.equal against the resident output; plan.status and plan.note; the profile's link
+bandwidth and link_busy_factor (the link's rate beside compute over its idle rate) in a `costs` line.
 Lower bound per (model, budget), from the profiles (medians over the point's children), independent of any
 planner: max(compute (the smaller of the per-step sum and the all-resident latency), max(0, weight bytes - (budget - activations - fixed bytes)) / link
 bandwidth): every byte that cannot stay resident crosses the link once, and compute never waits. A tighter
@@ -354,7 +355,8 @@ def predictions(args, sm, inputs: dict, budget: int) -> dict:
             "compute_ms": costs.compute_s * 1e3, "link_bytes_per_s": costs.link.bandwidth_bytes_per_s,
             "link_kind": costs.link.kind, "program_weight_bytes": weights, "must_stream_bytes": must_stream,
             "activation_bytes": plan.activation_bytes, "fixed_bytes": plan.fixed_bytes,
-            "relaxation_bound_ms": relaxation_ms, "wait_ms": costs.wait_s * 1e3}
+            "relaxation_bound_ms": relaxation_ms, "wait_ms": costs.wait_s * 1e3,
+            "link_busy_factor": costs.link_busy_factor}
 
 
 def relaxation_bound_ms(args, program, costs, plan, budget: int) -> float:
@@ -573,6 +575,9 @@ def main(argv=None) -> int:
             print(f"ERROR {where}: {r['error'][:300]}")
         if r.get("plan"):
             print(f"plan {where}: {r['plan']}" + (f"; {r['note']}" if r.get("note") else ""))
+        if "link_busy_factor" in r:
+            print(f"costs {where}: link {r['link_bytes_per_s'] / 1e9:.2f} GB/s idle, x{r['link_busy_factor']:.3f} "
+                  f"beside compute; compute {r['compute_ms']:.2f} ms; predicted {r['predicted_ms']:.2f} ms")
     for (m, f), b in sorted(bounds.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if f is not None:
             relaxed = b.get("relaxation_bound_ms")

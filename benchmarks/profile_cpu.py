@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The CPU cost model of a streamed GPT-Neo-125M shape (fp32, untied head): per op class, the compute time of
 its steps alone and the slowdown while a storage read runs beside them (the IO thread competing with
-compute on a 2-core machine), the link fit, and the simple plan's predicted latency against the measured.
+compute on a 2-core machine), the link fit and its rate beside compute (`link_busy_factor`), and the simple
+plan's predicted latency against the measured.
 `--kernels` times instead the resident model whole and with split_bytes's blocks (no streaming), and its
 LM head alone: what splitting changes in compute.
 
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     print(sm.plan.summary(sm.program))
     print(f"link ({costs.link.kind}): {costs.link.bandwidth_bytes_per_s / 1e9:.2f} GB/s, "
           f"{costs.link.overhead_s * 1e6:.1f} us per copy; profile took {profile_s:.1f} s")
+    print(f"link beside compute: x{costs.link_busy_factor:.3f} of its idle rate (link_busy_factor; "
+          f"{costs.link.bandwidth_bytes_per_s * costs.link_busy_factor / 1e9:.2f} GB/s by the fit)")
     rows = [[cls, len(steps), f"{sum(s.compute_s for s in steps) * 1e3:.1f}", f"{steps[0].slowdown:.2f}"]
             for cls, steps in sorted(by_class.items(), key=lambda kv: -sum(s.compute_s for s in kv[1]))]
     print(C.markdown_table(["op class", "steps", "compute alone ms", "slowdown beside a read"], rows))

@@ -1,6 +1,6 @@
 """The latency bound (`bound.latency_bound`): optima of the relaxation worked out by hand, and the bound
 below every plan's predicted latency (the simple plan, the ablation baseline, the solver's) on random
-programs."""
+programs, some with the link slowed beside compute (`link_busy_factor`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,6 +62,23 @@ def test_a_slowdown_beside_the_link_raises_the_bound():
     assert slowed.latency_s <= simulate(simple_for(prog, 2 * U), slowed_costs).total_s == pytest.approx(6 * MS)
 
 
+def test_a_link_slowed_by_compute_raises_the_bound():
+    # Weights of 2, 1, 1 and 2 u for ops of 0, 4, 0 and 0 ms, a 2 u arena, 1 u per ms idle. W0 and W3 fill
+    # the arena, so nothing stays resident and nothing moves beside ops 0, 2 and 3 (they do not compute):
+    # 6 u cross the link, and only beside op 1 can any of it hide, at most 1 u (beside W1). At the full rate
+    # beside compute 1 u fits in op 1's 4 ms: 5 ms of waits + 4 = 9 ms. At 1/8 of it, 0.5 u: 9.5 ms. The
+    # simple plan does exactly that (W2 beside op 1, W3 after op 2), so the bound is tight there:
+    #   W0 [0, 2]; W1 [2, 3]; op 1 [3, 7] with W2's first 0.5 u beside it; W2 done at 7.5; W3 [7.5, 9.5].
+    prog = chain([2 * U, U, U, 2 * U])
+    costs = cost_model([0, 4, 0, 0], bytes_per_ms=U)
+    slowed = dataclasses.replace(costs, link_busy_factor=0.125)
+    assert bound(prog, costs, 2 * U).latency_s == pytest.approx(9 * MS, rel=1e-6)
+    assert bound(prog, slowed, 2 * U).latency_s == pytest.approx(9.5 * MS, rel=1e-6)
+    tl = simulate(simple_for(prog, 2 * U), slowed)
+    assert [t / MS for t in tl.load_end_s] == pytest.approx([2, 3, 7.5, 9.5])
+    assert tl.total_s == pytest.approx(9.5 * MS)
+
+
 @pytest.mark.parametrize("arena", [5 * U, 6 * U, 7 * U])
 def test_container_runs_release_before_the_next_op_waits(arena):
     # B: a container op holds W0 (256 B in the arena) around two children that use W1 and W2 (64 B each).
@@ -106,6 +123,10 @@ def test_random_programs_bound_every_plan(seed):
     except BudgetTooSmall:
         return
     assert b.latency_s <= simulate(baseline, costs).total_s * (1 + 1e-6) + 1e-12
+    # the factor is part of the bound: with the link at full rate beside compute it can only fall
+    if costs.link_busy_factor < 1.0:
+        unslowed = dataclasses.replace(costs, link_busy_factor=1.0)
+        assert bound(prog, unslowed, avail).latency_s <= b.latency_s + 1e-12
     # slower links only raise it
     slower = dataclasses.replace(costs, link=dataclasses.replace(costs.link, bandwidth_bytes_per_s=costs.link.bandwidth_bytes_per_s / 2))
     assert bound(prog, slower, avail).latency_s >= b.latency_s - 1e-12

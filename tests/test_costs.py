@@ -1,6 +1,7 @@
-"""Costs: the link model's units, measuring the CPU link, slowdowns per op class, the timeline `simulate`
-predicts on hand-sized plans worked out by hand, the cost model's JSON, and `profile` on a small streamed
-model (one StepCost per op, and the model's outputs untouched by profiling)."""
+"""Costs: the link model's units, measuring the CPU link, slowdowns per op class, the link's rate beside
+compute (`link_busy_factor`), the timeline `simulate` predicts on hand-sized plans worked out by hand, the
+cost model's JSON, and `profile` on a small streamed model (one StepCost per op, a link factor in (0, 1],
+and the model's outputs untouched by profiling)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,9 @@ import torch
 
 
 from flashmem.check import find_problems
-from flashmem.costs import (BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit, measure_link,
-                            measure_wait, profile, simulate, slowdowns_by_class)
+from flashmem.costs import (LINK_FACTOR_FLOOR, BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit,
+                            link_busy_factor, measure_link, measure_wait, profile, simulate, slowdowns_by_class)
+from flashmem.errors import FlashmemError
 from flashmem.plan import Load, Plan, Resident, simple_plan
 
 from conftest import make_input, make_model, resident, program, streaming_budget
@@ -74,6 +76,7 @@ def test_a_mapped_model_is_profiled_on_the_mapped_link(streams):
     assert sm.cpu_reads == "map"
     costs = profile(sm, (x,), {}, calls=1)
     assert "mapping" in costs.link.kind and len(costs.steps) == len(sm.program.ops)
+    assert 0.0 < costs.link_busy_factor <= 1.0
 
 
 def test_background_transfer_on_the_cpu_starts_and_stops():
@@ -98,6 +101,32 @@ def test_slowdowns_are_medians_per_class_floored_at_one():
     assert slow["ReLU"] == 1.0
     assert slow["Conv2d"] == pytest.approx(1.2)
     assert slowdowns_by_class([], [], []) == {}
+
+
+# -- the link beside compute ----------------------------------------------------------------------------------------
+def test_background_bytes_between_counts_straddling_copies_by_their_share():
+    with BackgroundTransfer(torch.device("cpu"), nbytes=2**20) as bg:
+        pass
+    bg.samples = [(0.0, 1.0, 100), (1.0, 2.0, 100), (2.0, 4.0, 100)]
+    assert bg.bytes_between(0.0, 4.0) == pytest.approx(300)
+    assert bg.bytes_between(0.5, 3.0) == pytest.approx(50 + 100 + 50)  # half of the first, half of the last
+    assert bg.bytes_between(5.0, 6.0) == 0.0
+
+
+def test_link_busy_factor_counts_the_waits_at_the_idle_rate():
+    # Calls of 10 s, 8 of them computing; idle rate 100 B/s. The background moved 700 B and the profile's
+    # loads 100 B: in the 2 s of waits the link moved 200 B in all (at its idle rate), so 600 B moved beside
+    # 8 s of compute, 75 B/s: a factor of 0.75. Had the loads' 100 B been taken as the background's own
+    # slowdown, the factor would have come out lower.
+    assert link_busy_factor(100.0, 700.0, 100.0, 10.0, 8.0) == pytest.approx(0.75)
+    # no slowdown: the background moved the idle rate all along, less the loads' share of the waits
+    assert link_busy_factor(100.0, 900.0, 100.0, 10.0, 8.0) == pytest.approx(1.0)
+    # clamped: faster than idle (noise) is 1.0, and a link that all but stopped is the floor
+    assert link_busy_factor(100.0, 2000.0, 0.0, 10.0, 8.0) == 1.0
+    assert link_busy_factor(100.0, 150.0, 0.0, 10.0, 8.0) == LINK_FACTOR_FLOOR
+    # nothing computed (or nothing measured): no slowdown
+    assert link_busy_factor(100.0, 500.0, 0.0, 5.0, 0.0) == 1.0
+    assert link_busy_factor(0.0, 0.0, 0.0, 5.0, 1.0) == 1.0
 
 
 # -- simulate ------------------------------------------------------------------------------------------------------
@@ -187,6 +216,34 @@ def test_simulate_adds_the_wait_cost_where_an_op_waits_for_a_load():
     assert in_ms(tl.step_end_s) == pytest.approx([1, 3.5, 5.5, 7.5])
 
 
+def test_simulate_with_the_link_slowed_beside_compute():
+    # test_simulate_with_residents_and_a_fifo_link's plan (W0 resident; W1, W2 issued at op 0; W3 after W1's
+    # release; 2 ms a load at the idle rate, 1 ms of compute per op) with the link at half its rate while an
+    # op computes:
+    #   op 0 [0, 1]: W1 moves 1 ms x 0.5 = 0.5 ms of its 2 ms beside it;
+    #   op 1 waits for W1's other 1.5 ms at the idle rate: W1 [0, 2.5]; W2 starts at 2.5; op 1 [2.5, 3.5],
+    #   W2 0.5 ms of 2 beside it; W3 joins the queue at 3.5 (W1 released);
+    #   op 2 waits for W2's 1.5 ms: W2 [2.5, 5]; W3 starts at 5; op 2 [5, 6], W3 0.5 ms beside it;
+    #   op 3 waits 1.5 ms: W3 [5, 7.5]; op 3 [7.5, 8.5]. At the full rate it took 7 ms.
+    plan = simple_plan(A, budget_bytes=384, device="cpu", alignment=ALIGN, activation_bytes=0)
+    costs = dataclasses.replace(costs_ms([1] * 4, [1.0] * 4, bytes_per_ms=50), link_busy_factor=0.5)
+    tl = simulate(plan, costs)
+    assert in_ms(tl.load_start_s) == pytest.approx([0, 2.5, 5])
+    assert in_ms(tl.load_end_s) == pytest.approx([2.5, 5, 7.5])
+    assert in_ms(tl.step_start_s) == pytest.approx([0, 2.5, 5, 7.5])
+    assert tl.total_s == pytest.approx(8.5 * MS)
+    # With op 0 also 2x slower beside the link: busy for its whole 1 ms of compute, it stretches by 1 ms,
+    # over which W1 moves another 0.5 ms: op 0 [0, 2], W1 done at 2 + 1 = 3; then as above, 0.5 ms later:
+    #   op 1 [3, 4]; W2 [3, 5.5]; op 2 [5.5, 6.5]; W3 [5.5, 8]; op 3 [8, 9].
+    slowed = dataclasses.replace(costs, steps=(StepCost("Op", MS, 2.0),) + costs.steps[1:])
+    tl = simulate(plan, slowed)
+    assert in_ms(tl.load_end_s) == pytest.approx([3, 5.5, 8])
+    assert in_ms(tl.step_end_s) == pytest.approx([2, 4, 6.5, 9])
+    # and the link's rate only matters beside compute: with no compute, the link alone, as at full rate
+    idle = dataclasses.replace(costs_ms([0] * 4, [1.0] * 4, bytes_per_ms=50), link_busy_factor=0.5)
+    assert simulate(plan, idle).total_s == pytest.approx(6 * MS)
+
+
 # -- CostModel --------------------------------------------------------------------------------------------------------
 def test_cost_model_json_round_trip():
     costs = CostModel("cuda:0", "abc123", LinkCost("pinned host to cuda", 2.5e10, 7.5e-6),
@@ -203,6 +260,18 @@ def test_cost_model_json_round_trip():
     assert CostModel.from_json(waited.to_json()) == waited
     del doc["wait_s"]
     assert CostModel.from_json(json.dumps(doc)).wait_s == 0.0
+    # so does the link's rate beside compute; saved before it existed, it reads as 1.0 (no slowdown)
+    slowed = dataclasses.replace(costs, link_busy_factor=0.92)
+    assert json.loads(slowed.to_json())["link_busy_factor"] == 0.92
+    assert CostModel.from_json(slowed.to_json()) == slowed
+    del doc["link_busy_factor"]
+    assert CostModel.from_json(json.dumps(doc)).link_busy_factor == 1.0
+
+
+@pytest.mark.parametrize("factor", [0.0, -0.5, 1.01])
+def test_a_link_factor_outside_zero_to_one_is_refused(factor):
+    with pytest.raises(FlashmemError, match="link_busy_factor"):
+        CostModel("cpu", "test", LinkCost("synthetic", 1e6, 0.0), (), link_busy_factor=factor)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -226,6 +295,7 @@ def test_profile_a_streamed_mlp(streams):
     assert all(s.op_class == "Linear" for s in costs.steps)
     assert all(s.compute_s >= 0 and s.slowdown >= 1.0 for s in costs.steps)
     assert len({s.slowdown for s in costs.steps}) == 1  # one class, one slowdown
+    assert 0.0 < costs.link_busy_factor <= 1.0  # measured; its value is the machine's
     assert "pread" in costs.link.kind and costs.link.bandwidth_bytes_per_s > 0 and costs.link.overhead_s >= 0
     assert sm._executor.profiling is False and sm._executor.mover.serial is False
     for _ in range(2):

@@ -402,6 +402,8 @@ def random_case(seed: int):
                       tuple(StepCost("Op", rng.uniform(0, 5e-3), rng.choice([1.0, 1.0, 1.5, 3.0])) for _ in ops))
     total = sum(-(-n // ALIGN) * ALIGN for n in sizes)
     budget = max(1, int(activation + buffers + rng.uniform(0.3, 1.1) * total))
+    # drawn last, so the programs, costs and budgets above are those of the seeds before the factor existed
+    costs = dataclasses.replace(costs, link_busy_factor=rng.choice([1.0, 1.0, 0.9, 0.5, 0.2]))
     return prog, costs, budget
 
 

@@ -7,7 +7,9 @@ The relaxation keeps what every plan obeys and drops what makes plans hard:
 - a call starts with only the resident weights in place; an op may wait for its loads, after the ops
   before it released theirs;
 - a streamed use run's bytes all arrive before its first op and stay until its last op ends;
-- the link moves at most `bandwidth` bytes per second (per-copy overheads and `wait_s` are dropped);
+- the link moves at most `bandwidth` bytes per second while ops wait and `link_busy_factor` times that
+  while they compute, as `simulate` moves it (per-copy overheads and `wait_s` are dropped: the wait_s of a
+  simulated step counts as wait here, where the link moves at most its idle rate);
 - the arena holds the resident bytes, the runs in use and the bytes already arrived for later runs
   (a plan reserves a load's whole span at its start, so it holds at least that).
 A weight may be partly resident and a load may arrive in pieces over several steps. Every plan flashmem
@@ -70,28 +72,32 @@ def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignmen
     mb_per_ms = bandwidth * scale * 1e-3
     # Interval k: a wait (w[k] >= 0), then op k computing. Through interval k the arena holds what is resident,
     # the runs op k is inside (first <= k <= last; op k - 1's last runs are gone) and what has arrived for later
-    # runs, most at its end. What arrives in interval k crosses the link while it lasts; a run op k first uses
-    # arrives by the end of its wait.
+    # runs, most at its end. What arrives in interval k crosses the link while it lasts, at the idle rate in
+    # the wait and at f = link_busy_factor times it in the compute; a run op k first uses arrives by the end of
+    # its wait.
+    f = costs.link_busy_factor
     compute_ms = [s.compute_s * 1e3 for s in costs.steps]
     w = [lp.NumVar(0.0, inf, "") for _ in range(n)]
     memory = [lp.Constraint(-inf, 0.0) for _ in range(n)]
-    link = [lp.Constraint(-inf, mb_per_ms * compute_ms[k]) for k in range(n)]
+    link = [lp.Constraint(-inf, f * mb_per_ms * compute_ms[k]) for k in range(n)]
     link_waiting = [lp.Constraint(-inf, 0.0) for _ in range(n)]  # arrivals for op k itself, in its wait
     for k in range(n):
         link[k].SetCoefficient(w[k], -mb_per_ms)
         link_waiting[k].SetCoefficient(w[k], -mb_per_ms)
     # An op slowed by s beside the link computes for c + (s - 1) x (the link's busy time during its compute),
-    # and of the link's busy time in its interval, all but the wait and the stretch itself overlaps it:
-    # stretch e >= (s - 1) / s x (arrivals / bandwidth - wait). The interval is that much longer.
+    # and of the link's busy time in its interval, all but the wait and the stretch itself overlaps it. Of
+    # what arrives in the interval, at most bandwidth x wait moved in the wait, the rest beside compute at
+    # f x bandwidth, so the link was busy beside compute for at least (arrivals / bandwidth - wait) / f:
+    # stretch e >= (s - 1) / s x (arrivals / bandwidth - wait) / f. The interval is that much longer.
     stretch: dict[int, tuple] = {}
     for k, step in enumerate(costs.steps):
         if step.slowdown > 1.0:
-            factor = (step.slowdown - 1.0) / step.slowdown
+            factor = (step.slowdown - 1.0) / step.slowdown / f
             e = lp.NumVar(0.0, inf, "")
             row = lp.Constraint(-inf, 0.0)
             row.SetCoefficient(w[k], -factor)
             row.SetCoefficient(e, -1.0)
-            link[k].SetCoefficient(e, -mb_per_ms)
+            link[k].SetCoefficient(e, -f * mb_per_ms)
             stretch[k] = (e, row, factor / mb_per_ms)
 
     def arrive(j: int, var, coef_mb: float) -> None:

@@ -5,8 +5,11 @@
 - `StepCost`: per step (op i's entry to op i + 1's entry), the compute time with nothing moving beside it
   and the slowdown while a transfer runs beside it, measured per op class rather than assumed: copy
   engines barely disturb a discrete GPU, an IO thread on a 2-core CPU does.
-- `CostModel`: both, for one model, input signature and device, and on CUDA the time a step loses when
-  its op waits for the copy stream (`wait_s`); JSON for the plan cache.
+- `CostModel`: both, for one model, input signature and device, on CUDA the time a step loses when its
+  op waits for the copy stream (`wait_s`), and the other direction of the interference: the link's rate
+  while ops compute beside it over its idle rate (`link_busy_factor`, measured per model: an SD-1.5 UNet's
+  compute slowed an H200's host-to-device copies from 55 to about 50.5 GB/s, a ViT-L's did not); JSON for
+  the plan cache.
 """
 from __future__ import annotations
 
@@ -51,6 +54,12 @@ class CostModel:
     link: LinkCost
     steps: tuple[StepCost, ...]
     wait_s: float = 0.0  # added to a step whose op waits for a load (CUDA: a dependency on the copy stream)
+    # The link's rate while an op computes over its rate while nothing does (1.0: compute does not slow it).
+    link_busy_factor: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < self.link_busy_factor <= 1.0:
+            raise FlashmemError(f"link_busy_factor {self.link_busy_factor} is outside (0, 1]")
 
     @property
     def compute_s(self) -> float:
@@ -63,7 +72,8 @@ class CostModel:
     def from_json(cls, text: str) -> "CostModel":
         doc = json.loads(text)
         return cls(doc["device"], doc["signature"], LinkCost(**doc["link"]),
-                   tuple(StepCost(**s) for s in doc["steps"]), doc.get("wait_s", 0.0))
+                   tuple(StepCost(**s) for s in doc["steps"]), doc.get("wait_s", 0.0),
+                   doc.get("link_busy_factor", 1.0))
 
 
 COPY_SIZES = (64 * 2**10, 2**20, 8 * 2**20, 64 * 2**20)
@@ -227,11 +237,17 @@ class BackgroundTransfer:
     thread copies (CUDA: pinned host to device, one copy at a time), reads or faults pages in for as long as
     the block lasts. (On CUDA, copies queued ahead of a call from the calling thread measured no slowdown at
     all, since the call's own loads then waited behind them and its steps ran beside an idle link, where a
-    call streamed with the plan ran about 1.25x slower than profiled.)"""
+    call streamed with the plan ran about 1.25x slower than profiled.)
+
+    Each copy is kept as (start, end, bytes) on the host's clock (CUDA: the copy's issue to its stream's
+    synchronize), so `bytes_between` says what the link moved in a window: the link's own rate, idle or beside
+    compute, measured by the same copies."""
 
     def __init__(self, device: torch.device, nbytes: int = 32 * 2**20, mapped: bool = False):
         self.device = device
+        self.nbytes = nbytes
         self.stop_flag = threading.Event()
+        self.samples: list[tuple[float, float, int]] = []  # (start, end, bytes) per copy, perf_counter seconds
         self.probe = _MappedProbe(nbytes) if device.type == "cpu" and mapped else None
         if device.type == "cuda":
             self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
@@ -246,22 +262,47 @@ class BackgroundTransfer:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
+        clock, record = time.perf_counter, self.samples.append
         if self.probe is not None:  # what the mapped runtime's IO thread does: fault pages in, drop them
             while not self.stop_flag.is_set():
+                t0 = clock()
                 self.probe.populate(self.probe.nbytes)
+                record((t0, clock(), self.nbytes))
                 self.probe.drop()
         elif self.device.type == "cuda":
             with torch.cuda.stream(self.stream):
                 while not self.stop_flag.is_set():
+                    t0 = clock()
                     self.dst.copy_(self.src, non_blocking=True)
                     self.stream.synchronize()
+                    record((t0, clock(), self.nbytes))
         else:
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 while not self.stop_flag.is_set():
+                    t0 = clock()
                     pread_into(fd, 0, memoryview(self.buf))
+                    record((t0, clock(), self.nbytes))
             finally:
                 os.close(fd)
+
+    def bytes_between(self, begin: float, end: float) -> float:
+        """Bytes moved in [begin, end] (perf_counter seconds), a copy that straddles an edge counted by the
+        share of its time inside."""
+        total = 0.0
+        for t0, t1, n in list(self.samples):
+            inside = min(end, t1) - max(begin, t0)
+            if inside > 0 and t1 > t0:
+                total += n * inside / (t1 - t0)
+        return total
+
+    def idle_rate(self, seconds: float) -> float:
+        """Bytes per second over the next `seconds`, with nothing else on the link or the compute (the caller
+        sleeps meanwhile)."""
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        t1 = time.perf_counter()
+        return self.bytes_between(t0, t1) / (t1 - t0)
 
     def __enter__(self):
         self.thread.start()
@@ -293,27 +334,60 @@ def _refuse_host_budget(sm) -> None:
                             "host_budget")
 
 
+LINK_FACTOR_FLOOR = 0.1  # a measured link_busy_factor below this is noise (or a broken link), not a rate
+IDLE_WINDOW_S = 0.2  # the background transfer alone, before and after the busy pass: its idle rate
+
+
+def link_busy_factor(idle_bytes_per_s: float, background_bytes: float, load_bytes: float, span_s: float,
+                     compute_s: float) -> float:
+    """The link's rate beside compute over its idle rate, from a busy profile pass: over `span_s` seconds of
+    calls, of which `compute_s` are steps computing, the background transfer moved `background_bytes` and the
+    profile's own loads `load_bytes`.
+
+    The profile's loads move only in the waits between ops, where nothing computes; there they share the
+    link with the background copies, which then move less, but not because of compute. So the waits are not
+    compared with the compute at all: the link is taken to move its idle rate in total whenever nothing
+    computes (the background's copies and the loads together), and what it moved beyond that in the span
+    moved beside compute: busy rate = (background + loads - idle rate x (span - compute)) / compute. Clamped to
+    [LINK_FACTOR_FLOOR, 1]; 1.0 where nothing computed."""
+    if compute_s <= 0 or idle_bytes_per_s <= 0:
+        return 1.0
+    idle_s = max(span_s - compute_s, 0.0)
+    busy_rate = (background_bytes + load_bytes - idle_bytes_per_s * idle_s) / compute_s
+    return min(1.0, max(LINK_FACTOR_FLOOR, busy_rate / idle_bytes_per_s))
+
+
 def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
-    """Measure `sm`'s per-step compute for this input, alone and beside a transfer, and the link.
-    Loads move between ops during profiling (never beside compute), so step times are compute only."""
+    """Measure `sm`'s per-step compute for this input, alone and beside a transfer, the link, and the link's
+    rate beside the compute (`link_busy_factor`). Loads move between ops during profiling (never beside
+    compute), so step times are compute only."""
     _refuse_host_budget(sm)
     sm(*args, **kwargs)  # plans for this input signature if needed
     executor = sm._executor
     executor.profiling, executor.mover.serial = True, True
+    spans: list[tuple[float, float, float]] = []  # busy pass, per call: (host start, host end, compute seconds)
     try:
-        def per_step() -> list[float]:
+        def per_step(timed: bool = False) -> list[float]:
             runs = []
             for _ in range(calls):
+                t0 = time.perf_counter()
                 sm(*args, **kwargs)
-                runs.append(executor.mover.step_seconds())
+                runs.append(executor.mover.step_seconds())  # (waits for the call's end on CUDA)
+                if timed:
+                    spans.append((t0, time.perf_counter(), sum(runs[-1])))
             return [statistics.median(col) for col in zip(*runs)]
 
         quiet = per_step()
         mapped = bool(getattr(sm, "_mapped", False))  # on the CPU: pages faulted into mappings, not copies
-        with BackgroundTransfer(sm.device, mapped=mapped):
-            busy = per_step()
+        with BackgroundTransfer(sm.device, mapped=mapped) as bg:
+            idle_before = bg.idle_rate(IDLE_WINDOW_S)
+            busy = per_step(timed=True)
+            idle = (idle_before + bg.idle_rate(IDLE_WINDOW_S)) / 2
+            moved = sum(bg.bytes_between(a, b) for a, b, _ in spans)
     finally:
         executor.profiling, executor.mover.serial = False, False
+    factor = link_busy_factor(idle, moved, calls * executor.plan.streamed_bytes, sum(b - a for a, b, _ in spans),
+                              sum(c for _, _, c in spans))
     program = sm.program
     # Every profiled step carries the profile's own timing events and copy-stream wait; a call's step only
     # where its op waits for a load. They come off each step here, and `simulate` adds them back there.
@@ -324,7 +398,7 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
     slow = slowdowns_by_class(classes, quiet, busy)
     steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
-    return CostModel(str(sm.device), program.signature, measure_link(sm.device, mapped=mapped), steps, wait)
+    return CostModel(str(sm.device), program.signature, measure_link(sm.device, mapped=mapped), steps, wait, factor)
 
 
 def measure_timeline(sm, args: tuple, kwargs: dict) -> "Timeline":
@@ -356,9 +430,12 @@ class Timeline:
 
 def simulate(plan, costs: CostModel) -> Timeline:
     """Predict a call of `plan`: one FIFO link that starts a load as soon as the load that last held its
-    bytes is released; compute that starts a step once the step before it ended and its loads arrived,
-    and runs slower (by the measured factor) for the part of the step the link is busy, plus `wait_s` where
-    its op waits for a load."""
+    bytes is released; compute that starts a step once the step before it ended and its loads arrived.
+    A step is its op's wait for its loads, then `wait_s` where it waited for any (CUDA: the dependency on
+    the copy stream), then its compute, slower (by the step's slowdown) for the part of its compute time the
+    link is busy. The link moves a load (its per-copy overhead and bytes, `link.seconds`) at its idle rate
+    while nothing computes and at `link_busy_factor` times that while an op computes: for the whole
+    step's compute, its stretch included."""
     loads = plan.loads
     holder = previous_holders(loads, plan.alignment)
     n = plan.n_ops
@@ -373,34 +450,71 @@ def simulate(plan, costs: CostModel) -> Timeline:
             a, b = loads[j - 1], loads[j]
             gap = b.offset_bytes - (a.offset_bytes + a.nbytes)
             merged[j] = (a.start_step == b.start_step and b.weight == a.weight + 1 and 0 <= gap < plan.alignment)
+    link = _Link([costs.link.seconds(l.nbytes, 0 if merged[j] else 1) for j, l in enumerate(loads)])
     step_start, step_end = [0.0] * n, [0.0] * n
-    load_start, load_end = [0.0] * len(loads), [0.0] * len(loads)
-    scheduled, link_free, clock = 0, 0.0, 0.0
+    busy_rate = costs.link_busy_factor
     for i in range(n):
-        # Loads whose bytes are released by now (their holder's last use was before this step) can go.
-        while scheduled < len(loads):
-            k = holder[scheduled]
+        # Loads whose bytes are released by now (their holder's last use was before this step) join the
+        # link's queue; the first to join at a step is released at the step's start (the end of op i - 1, or
+        # the call's start), so the link, simulated up to now, starts it now if it is free.
+        while link.queued < len(loads):
+            k = holder[link.queued]
             if k is not None and loads[k].last_use >= i:
                 break
-            begin = max(link_free, step_end[loads[k].last_use] if k is not None else 0.0)
-            load_start[scheduled] = begin
-            copies = 0 if merged[scheduled] else 1
-            link_free = load_end[scheduled] = begin + costs.link.seconds(loads[scheduled].nbytes, copies)
-            scheduled += 1
-        ready = max([clock] + [load_end[j] for j in needs[i]])
+            link.enqueue()
+        waited = [j for j in needs[i] if j < link.queued]
+        if waited:
+            link.finish(max(waited))  # the op waits, nothing computes: the link at its idle rate
+        step_start[i] = link.now
+        if needs[i]:
+            link.advance(costs.wait_s, 1.0)
         step = costs.steps[i]
-        busy = _overlap(load_start, load_end, scheduled, ready, ready + step.compute_s)
-        duration = step.compute_s + (step.slowdown - 1.0) * busy + (costs.wait_s if needs[i] else 0.0)
-        step_start[i], step_end[i] = ready, ready + duration
-        clock = step_end[i]
-    return Timeline(tuple(step_start), tuple(step_end), tuple(load_start), tuple(load_end))
+        busy = link.advance(step.compute_s, busy_rate)
+        link.advance((step.slowdown - 1.0) * busy, busy_rate)
+        step_end[i] = link.now
+    return Timeline(tuple(step_start), tuple(step_end), tuple(link.start), tuple(link.end))
 
 
-def _overlap(starts, ends, count, begin, end) -> float:
-    total = 0.0
-    for j in range(count - 1, -1, -1):
-        if ends[j] <= begin:
-            break
-        total += max(0.0, min(end, ends[j]) - max(begin, starts[j]))
-    return total
+class _Link:
+    """`simulate`'s FIFO link: the queue of loads, each with its work in seconds at the idle rate, and the
+    clock, which advances with it."""
 
+    def __init__(self, work_s: list[float]):
+        self.left = list(work_s)  # per load, idle-rate seconds still to move
+        self.start, self.end = [0.0] * len(work_s), [0.0] * len(work_s)
+        self.queued = 0  # loads [0, queued) have joined the queue
+        self.head = 0  # the load moving now (the first not finished)
+        self.now = 0.0
+
+    def enqueue(self) -> None:
+        if self.head == self.queued:
+            self.start[self.head] = self.now
+        self.queued += 1
+
+    def _done(self) -> None:
+        self.end[self.head] = self.now
+        self.head += 1
+        if self.head < self.queued:
+            self.start[self.head] = self.now
+
+    def finish(self, j: int) -> None:
+        """Move the queue at the idle rate until load j has arrived."""
+        while self.head <= j:
+            self.now += self.left[self.head]
+            self._done()
+
+    def advance(self, seconds: float, rate: float) -> float:
+        """Move the clock by `seconds`, the queue at `rate` times the idle rate; the seconds it was busy."""
+        until, busy = self.now + seconds, 0.0
+        while self.head < self.queued and seconds > 0:
+            need = self.left[self.head] / rate
+            if self.now + need <= until:
+                self.now += need
+                busy += need
+                self._done()
+            else:
+                self.left[self.head] -= (until - self.now) * rate
+                busy += until - self.now
+                break
+        self.now = until
+        return busy

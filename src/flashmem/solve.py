@@ -9,7 +9,8 @@ user starts, which then waits for it); its bytes are held from then to l, and `m
 cross the link in step s (what moves in step f adds to that step's compute instead of hiding behind it).
 Loads start in order of first use (one copy queue). Per step, the bytes held fit the arena; the step
 lasts at least its compute (longer by the measured slowdown while the link is busy) and at least its
-transfer (bytes over bandwidth, plus a per-copy overhead). The objective is the sum of step times, plus
+transfer (bytes over the link's rate beside compute, `link_busy_factor` times its idle bandwidth, in a
+step that computes, plus a per-copy overhead). The objective is the sum of step times, plus
 `resident_weight` per resident byte (the paper's lambda).
 
 Before CP-SAT, the latency bound's linear relaxation (`bound.py`) is rounded into candidate plans: weights
@@ -149,18 +150,20 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
 
     step_time = []
     scale = max(1, int(1000 / ns_per_unit))  # ns per size unit, kept as a fraction over `scale`
-    coef = int(round(ns_per_unit * scale))
+    coef = int(round(ns_per_unit * scale))  # at the idle rate: what the link moves while its op waits
+    coef_busy = int(round(ns_per_unit * scale / costs.link_busy_factor))  # beside compute (the same if 1.0)
     for s in range(window_lo, min(hi, n_steps)):
         moves = [u for u in deciding if (u, s) in moved]
         t = model.new_int_var(compute_ns[s], 10**13, f"step_time_{s}")
         t_hint = compute_ns[s]
         if moves or moved_before[s]:
             starts = [held[u, s] - (held[u, s - 1] if (u, s - 1) in held else 0) for u in moves]
-            model.add(scale * t >= coef * (sum(moved[u, s] for u in moves) + moved_before[s])
+            rate = coef_busy if compute_ns[s] > 0 else coef  # step 0 and ops of no compute: the idle link
+            model.add(scale * t >= rate * (sum(moved[u, s] for u in moves) + moved_before[s])
                       + scale * overhead_ns * sum(starts))
             moved_hint = sum(hint_moved[u, s] for u in moves) + moved_before[s]
             starts_hint = sum(hint_held[u, s] - hint_held.get((u, s - 1), 0) for u in moves)
-            t_hint = max(t_hint, -(-coef * moved_hint // scale) + overhead_ns * starts_hint)
+            t_hint = max(t_hint, -(-rate * moved_hint // scale) + overhead_ns * starts_hint)
             waited = [u for u in moves if runs[u].first_use + 1 == s]
             if waited:  # the op waits for what moves in its own step: that transfer adds to its compute
                 model.add(scale * t >= scale * compute_ns[s] + coef * sum(moved[u, s] for u in waited))
