@@ -228,3 +228,67 @@ def test_host_store_reads_in_the_background_and_waits_per_weight(tmp_path, monke
     with pytest.raises(flashmem.FlashmemError):
         store.wait_all()
     store.close()
+
+
+def test_host_store_reads_with_o_direct_bit_exact(tmp_path, monkeypatch):
+    """A cold file is read with O_DIRECT between DIRECT_ALIGN boundaries and through the page cache around
+    them: the bytes equal a plain read for tensors at unaligned offsets, for pieces that cut a weight, and for
+    the last tensor of a file whose size is not a multiple of the alignment; where the device refuses the
+    O_DIRECT read (a destination off its memory alignment) the same bytes come through the page cache; a
+    file truncated under the fill fails in the reader."""
+    import fcntl
+    import os
+
+    from safetensors.torch import save_file
+
+    from flashmem import files as files_mod
+    from flashmem import store as store_mod
+    from flashmem.files import DIRECT_ALIGN, pread_into, read_header
+    from flashmem.store import HostStore
+
+    monkeypatch.setattr(store_mod, "READ_PIECE_BYTES", 3 * DIRECT_ALIGN)  # weights cut into pieces
+    monkeypatch.setattr(store_mod, "PIN_CHUNK_BYTES", 8 * 4096)
+    monkeypatch.setattr(files_mod, "cached_fraction", lambda path: 0.0)  # as cold, whatever the cache holds
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a0": torch.randint(0, 256, (13,), dtype=torch.uint8, generator=g)}  # later offsets unaligned
+    tensors.update({f"w{i}": torch.randint(0, 256, (2000 + 4133 * i,), dtype=torch.uint8, generator=g)
+                    for i in range(8)})
+    tensors["z"] = torch.randint(0, 256, (3 * DIRECT_ALIGN + 77,), dtype=torch.uint8, generator=g)
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    assert path.stat().st_size % DIRECT_ALIGN != 0
+    header = read_header(path)
+    assert any(loc.offset_bytes % 512 for loc in header.values())
+    direct = files_mod.open_direct(str(path))
+    if direct is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    direct_reads = []  # per read, whether it went through an O_DIRECT descriptor
+    real = files_mod._pread_all
+    monkeypatch.setattr(files_mod, "_pread_all", lambda fd, off, dst: (
+        direct_reads.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)), real(fd, off, dst)))
+    names = sorted(tensors, reverse=True)  # weight order is not file order
+    locs = [header[n] for n in names]
+    store = HostStore.for_sources(locs)
+    store.fill_in_background(locs, threads=3)
+    for n, loc in zip(names, locs):
+        out = torch.empty(loc.nbytes, dtype=torch.uint8)
+        store.read_into(names.index(n), out)
+        assert torch.equal(out, tensors[n]), n
+    store.wait_all()
+    store.close()
+    assert any(direct_reads) and not all(direct_reads)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        loc = header["z"]
+        dst = store_mod.page_aligned_bytes(loc.nbytes + 8)[8:]  # off the device's memory alignment: refused
+        pread_into(fd, loc.offset_bytes, memoryview(dst.numpy()), direct)
+        assert torch.equal(dst, tensors["z"])
+    finally:
+        os.close(fd)
+        os.close(direct)
+    os.truncate(path, header["w3"].offset_bytes + 100)
+    store = HostStore.for_sources(locs)
+    store.fill_in_background(locs, threads=2)
+    with pytest.raises(flashmem.FlashmemError, match="reading the weights from storage failed"):
+        store.wait_all()
+    store.close()

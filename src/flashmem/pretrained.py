@@ -121,7 +121,7 @@ def from_pretrained(path: str | Path, budget, device: str = "cpu", example_input
         if host_budget_bytes is not None:
             return StagedStore(FileStore.spill(found, [w.name for w in mw.weights]), host_budget_bytes)
         if device.type == "cuda":  # read in the background: the trace (the first call) starts at once
-            store = HostStore([w.nbytes for w in mw.weights], pin_now=False)
+            store = HostStore.for_sources(found)
             store.fill_in_background(found)
             return store
         store = FileStore.spill(found, [w.name for w in mw.weights])
