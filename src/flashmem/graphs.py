@@ -30,17 +30,18 @@ is the call's own (a Python scalar argument is part of the input signature) or a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import GraphWarning
-from torch.overrides import TorchFunctionMode
-
 from .run_cuda import cap_allocator, lift_allocator_cap, unreleasable_bytes
 from .store import page_aligned_bytes
 from .trace import input_signature
@@ -131,19 +132,39 @@ class HostSlabs:
     def __init__(self):
         self._slabs: list[torch.Tensor] = []
         self._used = 0
+        self.taken_bytes = 0  # handed out so far, with each piece's alignment
+        self.frozen = False  # while capturing: registering memory would end the capture, so none is made
+
+    @staticmethod
+    def _piece(used: int, nbytes: int) -> tuple[int, int]:
+        start = -(-used // 64) * 64
+        return start, start + max(nbytes, 1)
+
+    def reserve(self, nbytes: int) -> None:
+        """Make sure `nbytes` can be handed out without registering memory (before a capture)."""
+        if not self._slabs or self._used + nbytes > self._slabs[-1].numel():
+            self._add(nbytes)
+
+    def _add(self, nbytes: int) -> None:
+        slab = page_aligned_bytes(max(nbytes, HOST_SLAB_BYTES))
+        err = torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), slab.numel(), 0)
+        if int(err) != 0:
+            raise _Refused(f"pinning {fmt_bytes(slab.numel())} of host memory failed (cudaHostRegister error "
+                           f"{int(err)})")
+        self._slabs.append(slab)
+        self._used = 0
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        start = -(-self._used // 64) * 64
-        if not self._slabs or start + nbytes > self._slabs[-1].numel():
-            slab = page_aligned_bytes(max(nbytes, HOST_SLAB_BYTES))
-            err = torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), slab.numel(), 0)
-            if int(err) != 0:
-                raise _Refused(f"pinning {fmt_bytes(slab.numel())} of host memory failed (cudaHostRegister error "
-                               f"{int(err)})")
-            self._slabs.append(slab)
-            start = 0
-        self._used = start + max(nbytes, 1)
+        start, end = self._piece(self._used, nbytes)
+        if not self._slabs or end > self._slabs[-1].numel():
+            if self.frozen:
+                raise _Refused(f"the capture needs more pinned host memory than its eager call did "
+                               f"({fmt_bytes(nbytes)} more)")
+            self._add(nbytes)
+            start, end = self._piece(0, nbytes)
+        self.taken_bytes += end - self._used
+        self._used = end
         return self._slabs[-1][start:start + nbytes].view(dtype).view(shape)
 
     def release(self) -> None:
@@ -151,6 +172,33 @@ class HostSlabs:
         slabs, self._slabs, self._used = self._slabs, [], 0
         for slab in slabs:
             torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
+
+
+_PROBING_THREADS: set[int] = set()
+_capture_query = None  # torch.cuda.is_current_stream_capturing as PyTorch defines it
+
+
+def _is_current_stream_capturing() -> bool:
+    """`torch.cuda.is_current_stream_capturing`, True for a thread within `GraphRunner.probe`."""
+    return threading.get_ident() in _PROBING_THREADS or _capture_query()
+
+
+@contextlib.contextmanager
+def seen_as_capture():
+    """Within it, `torch.cuda.is_current_stream_capturing()` answers True on this thread (the query is wrapped
+    from the first use on): code that skips its data-dependent checks while a graph is captured
+    (transformers' packed-sequence and mask checks, which read a value on the host) takes in an eager probe
+    the path it will take in the capture."""
+    global _capture_query
+    if _capture_query is None:
+        _capture_query = torch.cuda.is_current_stream_capturing
+        torch.cuda.is_current_stream_capturing = _is_current_stream_capturing
+    me = threading.get_ident()
+    _PROBING_THREADS.add(me)
+    try:
+        yield
+    finally:
+        _PROBING_THREADS.discard(me)
 
 
 class _HostConstants(TorchFunctionMode):
@@ -208,6 +256,7 @@ class GraphRunner:
         self.probing = False  # within `probe`
         self.host = HostSlabs()  # pinned memory the probes' and graphs' host copies use, held until `close`
         self.host_copies = 0  # outputs `to_host` copied into it
+        self.probe_host_bytes: dict[str, int] = {}  # signature -> pinned bytes its probe took (its capture's)
 
     def probe(self):
         """A context for the eager call before a capture: a call that syncs with the host is refused here, since
@@ -297,13 +346,14 @@ class GraphRunner:
             static_args, static_kwargs = tree_unflatten(static, spec)
             graph = torch.cuda.CUDAGraph()
             copies_before = self.host_copies
-            self.capturing = True
+            self.host.reserve(self.probe_host_bytes.get(signature, 0) + 64)  # + the first piece's alignment
+            self.host.frozen = self.capturing = True
             try:
                 with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"), \
                         _HostConstants(self.host):
                     out = sm._run_eager(static_args, static_kwargs)
             finally:
-                self.capturing = False
+                self.host.frozen = self.capturing = False
             if executor.ever_diverged:
                 raise _Refused("the captured call left the traced order")
             copy_out(out)  # refuses an output it cannot copy (before the first replay)
@@ -366,10 +416,15 @@ class _Probe:
         self.constants = _HostConstants(self.runner.host)
         self.constants.__enter__()
         self.runner.probing = True
+        self.host_before = self.runner.host.taken_bytes
+        self.as_capture = seen_as_capture()
+        self.as_capture.__enter__()
         return self
 
     def __exit__(self, kind, value, tb):
+        self.as_capture.__exit__(kind, value, tb)
         self.runner.probing = False
+        self.runner.probe_host_bytes[self.signature] = self.runner.host.taken_bytes - self.host_before
         self.constants.__exit__(kind, value, tb)
         torch.cuda.set_sync_debug_mode(self.previous)
         self.caught.__exit__(kind, value, tb)

@@ -534,6 +534,9 @@ class StreamedModel:
         if self._graphs is not None:
             out = self._graphs.call(args, kwargs)
             if out is PROBE:
+                # Host inputs move to the device before the probe: a capture reads device copies of them (a
+                # replay's caller copies them in), so their copies are not the call's syncs.
+                args, kwargs = tree_map(self._to_device, (args, kwargs))
                 with self._graphs.probe():
                     return self._guarded(self.model, args, kwargs)
             if out is not EAGER:

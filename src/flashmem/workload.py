@@ -145,8 +145,8 @@ class Workload:
         runner = self.streamed._graphs
         if self.streamed.device.type == "cuda" and not keep_on_device:
             self.queue.between_models = torch.cuda.empty_cache
-            if runner is not None:  # a capture keeps its pool; no cache to empty in it
-                self.queue.between_models = lambda: runner.capturing or torch.cuda.empty_cache()
+            if runner is not None:  # a capture keeps its pool; emptying the cache syncs, which a probe refuses
+                self.queue.between_models = lambda: runner.capturing or runner.probing or torch.cuda.empty_cache()
                 self.queue.to_host = lambda out: _to_host(out, runner.to_host)
         self._graph_events: tuple = (None, [])  # (the graph, the events its capture recorded at each boundary)
         self.last: list[CallResult] = []
