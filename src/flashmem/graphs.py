@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import GraphWarning
 from .run_cuda import cap_allocator, lift_allocator_cap, unreleasable_bytes
@@ -268,7 +268,8 @@ class GraphRunner:
     def call(self, args: tuple, kwargs: dict):
         """The call's output from a graph, or EAGER where the call runs through the hooks instead."""
         sm = self.sm
-        args, kwargs = tree_map(sm._to_device, (args, kwargs))
+        # Inputs stay where they are: a replay copies them into the graph's static ones, and a capture clones
+        # them onto the device (device copies made here and dropped would stay cached on the caller's stream).
         signature = input_signature(args, kwargs)
         if signature in self.refused or signature not in sm._plans:
             return EAGER
@@ -342,7 +343,7 @@ class GraphRunner:
         saved = cap_allocator(dev, unreleasable_bytes(dev) + max(room, 0))
         entry = graph = out = static = static_args = static_kwargs = None
         try:
-            static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+            static = [x.to(sm.device, copy=True) if isinstance(x, torch.Tensor) else x for x in leaves]
             static_args, static_kwargs = tree_unflatten(static, spec)
             graph = torch.cuda.CUDAGraph()
             copies_before = self.host_copies

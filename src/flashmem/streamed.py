@@ -535,8 +535,11 @@ class StreamedModel:
             out = self._graphs.call(args, kwargs)
             if out is PROBE:
                 # Host inputs move to the device before the probe: a capture reads device copies of them (a
-                # replay's caller copies them in), so their copies are not the call's syncs.
-                args, kwargs = tree_map(self._to_device, (args, kwargs))
+                # replay's caller copies them in), so their copies are not the call's syncs. They are made on
+                # flashmem's stream, as the call's own would be: blocks freed on the caller's stream stay
+                # cached there, beside the budget.
+                with torch.cuda.stream(self._graphs.stream):
+                    args, kwargs = tree_map(self._to_device, (args, kwargs))
                 with self._graphs.probe():
                     return self._guarded(self.model, args, kwargs)
             if out is not EAGER:
