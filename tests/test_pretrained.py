@@ -247,6 +247,7 @@ def test_host_store_reads_with_o_direct_bit_exact(tmp_path, monkeypatch):
     from flashmem.store import HostStore
 
     monkeypatch.setattr(store_mod, "READ_PIECE_BYTES", 3 * DIRECT_ALIGN)  # weights cut into pieces
+    monkeypatch.setattr(store_mod, "PAGE_CONGRUENT_BYTES", 20000)  # the larger weights congruent modulo a page
     monkeypatch.setattr(store_mod, "PIN_CHUNK_BYTES", 8 * 4096)
     monkeypatch.setattr(files_mod, "cached_fraction", lambda path: 0.0)  # as cold, whatever the cache holds
     g = torch.Generator().manual_seed(0)
@@ -269,6 +270,9 @@ def test_host_store_reads_with_o_direct_bit_exact(tmp_path, monkeypatch):
     names = sorted(tensors, reverse=True)  # weight order is not file order
     locs = [header[n] for n in names]
     store = HostStore.for_sources(locs)
+    for loc, off in zip(locs, store.offsets):
+        assert (off - loc.offset_bytes) % (DIRECT_ALIGN if loc.nbytes >= 20000 else 512) == 0
+    assert any(loc.nbytes >= 20000 for loc in locs) and any(loc.nbytes < 20000 for loc in locs)
     store.fill_in_background(locs, threads=3)
     for n, loc in zip(names, locs):
         out = torch.empty(loc.nbytes, dtype=torch.uint8)
