@@ -99,6 +99,11 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+def input_bytes(obj) -> int:
+    """Bytes of every tensor in a call's inputs, wherever it is: a capture holds a device copy of each."""
+    return sum(t.numel() * t.element_size() for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor))
+
+
 def graph_reserve_bytes(io_bytes: int, activation_bytes: int) -> int:
     """What a graph needs beside the eager call's activations: its static inputs and the copies of its outputs
     (`io_bytes`, both measured at the trace), two segments of small blocks (the private pool's own, and one
@@ -310,6 +315,17 @@ class GraphRunner:
         out.copy_(t, non_blocking=True)
         self.host_copies += 1
         return out
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the device; from the host without a sync where the call is probed (through pinned memory:
+        a capture reads the static device copies instead, and meets no host tensor)."""
+        if t.device == self.sm.device or t.device.type != "cpu":
+            return t if t.device == self.sm.device else t.to(self.sm.device)
+        if not self.probing:
+            return t.to(self.sm.device)
+        pinned = self.host.empty(t.shape, t.dtype)
+        pinned.copy_(t)
+        return pinned.to(self.sm.device, non_blocking=True)
 
     def close(self) -> None:
         """Drop the graph and give the pinned host memory back."""

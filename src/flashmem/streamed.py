@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_map
 
 from .check import check_plan
 from .errors import BudgetTooSmall, ControlFlowWarning, FlashmemError
-from .graphs import EAGER, PROBE, GraphRunner, graph_reserve_bytes, tensor_bytes
+from .graphs import EAGER, PROBE, GraphRunner, graph_reserve_bytes, input_bytes, tensor_bytes
 from .plan import Plan, simple_plan, with_staging
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps, check_device
 from .run_cpu import CpuMover, MapMover
@@ -105,6 +105,9 @@ class StreamedModel:
         # traced(program) sees (and may amend) each traced program before it is planned.
         self.compose = None
         self.traced = None
+        # Host tensors among a call's inputs are copied to the device as the call begins; a Workload moves
+        # each of its calls' inputs as that call begins instead (so only one call's are on the device at once).
+        self.move_inputs = True
         self._files: MappedFiles | None = None
         self._graphs = None  # a graphs.GraphRunner with cuda_graphs=True
         self._graph_thread: int | None = None  # the thread replaying (or capturing) a graph
@@ -433,10 +436,11 @@ class StreamedModel:
                 self._finish_trace(failed=True)
             if self._graphs is not None and not self._graphs.capturing:
                 self._graphs.drop()  # an eager call: no graph's pool beside its activations
-            args, kwargs = tree_map(self._to_device, (args, kwargs))
+            if self.move_inputs:
+                args, kwargs = tree_map(self._to_device, (args, kwargs))
             self._prepare(args, kwargs)
             if self._graphs is not None and self._tracer is not None:
-                self._trace_input_bytes = tensor_bytes((args, kwargs))
+                self._trace_input_bytes = input_bytes((args, kwargs))
             if self._tracer is None:
                 self._executor.begin()
         except BaseException:
@@ -537,9 +541,10 @@ class StreamedModel:
                 # Host inputs move to the device before the probe: a capture reads device copies of them (a
                 # replay's caller copies them in), so their copies are not the call's syncs. They are made on
                 # flashmem's stream, as the call's own would be: blocks freed on the caller's stream stay
-                # cached there, beside the budget.
-                with torch.cuda.stream(self._graphs.stream):
-                    args, kwargs = tree_map(self._to_device, (args, kwargs))
+                # cached there, beside the budget. (A Workload's calls copy theirs through pinned memory.)
+                if self.move_inputs:
+                    with torch.cuda.stream(self._graphs.stream):
+                        args, kwargs = tree_map(self._to_device, (args, kwargs))
                 with self._graphs.probe():
                     return self._guarded(self.model, args, kwargs)
             if out is not EAGER:

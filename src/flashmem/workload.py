@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import FlashmemError
+from .graphs import input_bytes
 from .run_cuda import timing_event
 from .streamed import StreamedModel, build, _store_from_tensors
 from .trace import Op, Program, input_signature
@@ -60,6 +61,7 @@ class _Queue(nn.Module):
         self.members = nn.ModuleDict({self.keys[name]: m for name, m in models.items()})
         self.marks: list[int] = []  # op count of the trace at each call's start (while tracing)
         self.on_boundary = None  # called before each call and after the last, with the call's index
+        self.to_device = None  # moves a call's input tensor to the device as the call begins
         self.to_host = None  # CUDA: moves each call's output to the host as the call ends
         self.results: list = []
         # Called when the model changes (CUDA: empty the allocator's cache, so that one model's cached
@@ -75,6 +77,9 @@ class _Queue(nn.Module):
                 self.on_boundary(k)
             if k and self.between_models and name != calls[k - 1][0]:
                 self.between_models()
+            if self.to_device:  # one call's inputs on the device at a time, counted in its activations
+                args, kwargs = tree_map(lambda x: self.to_device(x) if isinstance(x, torch.Tensor) else x,
+                                        (args, kwargs))
             out = self.members[self.keys[name]](*args, **kwargs)
             if self.to_host:
                 out = self.to_host(out)
@@ -143,6 +148,8 @@ class Workload:
                                              split_bytes=split_bytes, cuda_graphs=cuda_graphs)
         self._tracing_calls = None
         runner = self.streamed._graphs
+        if runner is not None:  # a probe copies inputs through pinned memory (no sync)
+            self.queue.to_device = runner.to_device
         if self.streamed.device.type == "cuda" and not keep_on_device:
             self.queue.between_models = torch.cuda.empty_cache
             if runner is not None:  # a capture keeps its pool; emptying the cache syncs, which a probe refuses
@@ -155,6 +162,8 @@ class Workload:
         self.streamed = sm
         sm.compose = self._compose
         sm.traced = self._harvest
+        sm.move_inputs = False
+        self.queue.to_device = sm._to_device
 
     # -- tracing and composing ---------------------------------------------------------------------------
     def _boundary(self, k: int) -> None:
@@ -217,6 +226,8 @@ class Workload:
             ops.extend(Op(op.index + base, op.module, op.weights, op.end_index + base) for op in part.ops)
             base += len(part.ops)
         weights = self.streamed._mw.weights
+        # A capture of the sequence holds a device copy of every call's inputs (its static inputs).
+        self.streamed._graph_io_bytes = input_bytes(args)
         return Program(weights=weights, ops=tuple(ops), activation_bytes=max(p.activation_bytes for p in parts),
                        fixed_bytes=self.streamed._fixed_bytes, signature=signature)
 
