@@ -15,7 +15,8 @@ A spec (JSON):
 Models come from a transformers or diffusers class and a config (random weights, seeded), or from a
 model folder. Inputs are keyword arguments: a tensor of `shape` (`dtype`, default the model's dtype;
 integers below `high`), or a plain `value`. `order` is "random" (each round a random permutation, from
-`seed`) or a list of model names (one round).
+`seed`) or a list of model names (one round). Optional: "host_budget", "split_bytes", "cpu_reads" and
+"cuda_graphs" (true: the sequence replays as one CUDA graph from its third run on), as for `Workload`.
 """
 from __future__ import annotations
 
