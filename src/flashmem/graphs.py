@@ -193,7 +193,8 @@ def seen_as_capture():
     """Within it, `torch.cuda.is_current_stream_capturing()` answers True on this thread (the query is wrapped
     from the first use on): code that skips its data-dependent checks while a graph is captured
     (transformers' packed-sequence and mask checks, which read a value on the host) takes in an eager probe
-    the path it will take in the capture."""
+    the path it will take in the capture. flashmem's CUDA mover asks too: a probed call ends joined with its
+    copy stream, as a captured one must."""
     global _capture_query
     if _capture_query is None:
         _capture_query = torch.cuda.is_current_stream_capturing
