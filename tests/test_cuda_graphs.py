@@ -336,3 +336,31 @@ def test_workload_cuda_graphs_replay_the_sequence_exactly_within_the_budget():
     finally:
         wl.close()
         settle()
+
+
+def test_the_probe_is_seen_as_a_capture_by_its_own_thread_only():
+    """`seen_as_capture` (the probe's view): torch.cuda.is_current_stream_capturing() answers True on the
+    probing thread and PyTorch's own answer elsewhere and afterwards (on a machine without CUDA that answer
+    is an error, as it was before)."""
+    import threading
+
+    from flashmem.graphs import seen_as_capture
+
+    def plain() -> object:
+        try:
+            return torch.cuda.is_current_stream_capturing()
+        except RuntimeError:  # a PyTorch built without CUDA
+            return "no cuda"
+
+    expected = plain()
+    other = []
+    with seen_as_capture():
+        assert torch.cuda.is_current_stream_capturing() is True
+        worker = threading.Thread(target=lambda: other.append(plain()))
+        worker.start()
+        worker.join()
+        with seen_as_capture():  # nested: still True inside, and after the inner one ends
+            assert torch.cuda.is_current_stream_capturing() is True
+        assert torch.cuda.is_current_stream_capturing() is True
+    assert other == [expected] and expected in (False, "no cuda")
+    assert plain() == expected

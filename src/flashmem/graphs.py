@@ -179,7 +179,7 @@ class HostSlabs:
             torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
 
 
-_PROBING_THREADS: set[int] = set()
+_PROBING_THREADS: dict[int, int] = {}  # thread -> how many `seen_as_capture` it is within
 _capture_query = None  # torch.cuda.is_current_stream_capturing as PyTorch defines it
 
 
@@ -200,11 +200,13 @@ def seen_as_capture():
         _capture_query = torch.cuda.is_current_stream_capturing
         torch.cuda.is_current_stream_capturing = _is_current_stream_capturing
     me = threading.get_ident()
-    _PROBING_THREADS.add(me)
+    _PROBING_THREADS[me] = _PROBING_THREADS.get(me, 0) + 1
     try:
         yield
     finally:
-        _PROBING_THREADS.discard(me)
+        _PROBING_THREADS[me] -= 1
+        if not _PROBING_THREADS[me]:
+            del _PROBING_THREADS[me]
 
 
 class _HostConstants(TorchFunctionMode):
