@@ -172,6 +172,12 @@ class HostSlabs:
         self._used = end
         return self._slabs[-1][start:start + nbytes].view(dtype).view(shape)
 
+    def copy_to(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`host` on `device`, copied without a sync from a pinned piece holding its bytes."""
+        pinned = self.empty(host.shape, host.dtype)
+        pinned.copy_(host)
+        return pinned.to(device, non_blocking=True)
+
     def release(self) -> None:
         """After every copy that reads or fills the slabs has ended (the caller synchronizes)."""
         slabs, self._slabs, self._used = self._slabs, [], 0
@@ -239,10 +245,7 @@ class _HostConstants(TorchFunctionMode):
             dtype = kwargs.get("dtype")
         if device is None or device.type != "cuda" or not _python_data(data):
             return None
-        host = torch.tensor(data, dtype=dtype)
-        pinned = self.slabs.empty(host.shape, host.dtype)
-        pinned.copy_(host)
-        out = pinned.to(device, non_blocking=True)
+        out = self.slabs.copy_to(torch.tensor(data, dtype=dtype), device)
         if kwargs.get("requires_grad"):
             out.requires_grad_(True)
         return out
@@ -322,13 +325,9 @@ class GraphRunner:
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """`t` on the device; from the host without a sync where the call is probed (through pinned memory:
         a capture reads the static device copies instead, and meets no host tensor)."""
-        if t.device == self.sm.device or t.device.type != "cpu":
-            return t if t.device == self.sm.device else t.to(self.sm.device)
-        if not self.probing:
-            return t.to(self.sm.device)
-        pinned = self.host.empty(t.shape, t.dtype)
-        pinned.copy_(t)
-        return pinned.to(self.sm.device, non_blocking=True)
+        if t.device.type != "cpu" or not self.probing:
+            return self.sm._to_device(t)
+        return self.host.copy_to(t, self.sm.device)
 
     def close(self) -> None:
         """Drop the graph and give the pinned host memory back."""
