@@ -116,10 +116,9 @@ class HostStore:
         `read_into` waits for its weight, so a model's first ops run while later weights are still being read
         (a cold start overlaps storage with compute); `wait_all` waits for every read and every pin.
 
-        Two things keep the fill at the storage's rate. One helper thread prepares the chunks in order,
-        ahead of the readers, which wait for their chunk: on CUDA it pins the chunk (cudaHostRegister, which
-        faults every page in), elsewhere it faults the pages in (MADV_POPULATE_WRITE); the readers then
-        neither fault pages in nor contend with pinning. And the middle of each piece, between DIRECT_ALIGN
+        Two things keep the fill at the storage's rate. Helper threads prepare the chunks in order, ahead
+        of the readers, which wait for their chunk: they fault the pages in (MADV_POPULATE_WRITE) and on CUDA
+        pin the chunk (cudaHostRegister); the readers then neither fault pages in nor contend with pinning. And the middle of each piece, between DIRECT_ALIGN
         boundaries of the file, is read with O_DIRECT (`files.pread_into`): the storage writes into the
         buffer, without a copy out of the page cache; a file mostly in the page cache is read through it.
         Measured (benchmarks/read_rate.py, H200 host, 4 GB cold, 16 MiB pieces on 4 threads, median of 3):
@@ -152,15 +151,20 @@ class HostStore:
             for ev in self._ready + chunk_ready:
                 ev.set()
 
+        cuda = torch.cuda.is_available()
+        chunks = iter(enumerate(self.chunk_starts))
+
         def prepare() -> None:
             try:
-                for c, start in enumerate(self.chunk_starts):
-                    if self._fill_error is not None:
+                while True:
+                    with lock:
+                        c, start = next(chunks, (None, None))
+                    if c is None or self._fill_error is not None:
                         return
-                    if torch.cuda.is_available():
+                    # a hint: where the kernel lacks it, the reads (or the pinning) fault the pages in
+                    _libc.madvise(self.buffer.data_ptr() + start, chunk_end[c] - start, _MADV_POPULATE_WRITE)
+                    if cuda:
                         self._pin(start, chunk_end[c] - start)
-                    else:  # a hint: where the kernel lacks it, the reads fault the pages in
-                        _libc.madvise(self.buffer.data_ptr() + start, chunk_end[c] - start, _MADV_POPULATE_WRITE)
                     chunk_ready[c].set()
             except BaseException as err:
                 fail(err)
@@ -199,7 +203,12 @@ class HostStore:
                     if direct_fd is not None:
                         os.close(direct_fd)
 
-        self._fillers = [threading.Thread(target=prepare, name="flashmem-pin", daemon=True)] + [
+        # On CUDA as many preparers as readers: one thread faults and pins about 1.3 GB/s (H200 host), which
+        # is the storage's rate cold but a quarter of the page cache's warm. Without CUDA one, beside readers
+        # that share few cores.
+        preparers = threads if cuda else 1
+        self._fillers = [threading.Thread(target=prepare, name=f"flashmem-pin-{k}", daemon=True)
+                         for k in range(preparers)] + [
             threading.Thread(target=work, name=f"flashmem-read-{k}", daemon=True) for k in range(threads)]
         for t in self._fillers:
             t.start()

@@ -419,7 +419,15 @@ class StreamedModel:
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _to_device(self, x: Any) -> Any:
-        return x.to(self.device) if isinstance(x, torch.Tensor) and x.device != self.device else x
+        """`x` on the device. A host tensor goes to CUDA through pinned memory: a copy from pageable memory
+        waits for the work already queued on the stream, so the host could not queue a call's kernels ahead
+        of the GPU (the caching host allocator keeps the pinned block until the copy is done)."""
+        if not isinstance(x, torch.Tensor) or x.device == self.device:
+            return x
+        if (self.device.type == "cuda" and x.device.type == "cpu"
+                and not torch.cuda.is_current_stream_capturing()):
+            return (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     def _call_begin(self, module, args, kwargs):
         me = threading.get_ident()
