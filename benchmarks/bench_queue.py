@@ -30,6 +30,11 @@ a sha256 of each model's first output (first tensor leaf: .logits, .sample, .pre
 the link (256 MiB pinned host-to-device copy, median of 5; on the CPU a RAM copy) for its floor:
 max(resident total, streamed bytes / link). Rows go to $OUT/bench_queue.json, memory samples to
 $OUT/bench_queue_memory.json, the plot to $OUT/bench_queue.png (when $OUT is set); the table prints last.
+
+--time-copies (CUDA, flashmem modes): every copy of the timed run is bracketed by events (inside the graph
+too), and the row's `link_activity` says how many copies moved how many bytes, how long the link was busy
+and at what rate, and where it idled (per model, and the largest gaps): where a sequence falls short of the
+link floor. The events add a little to the total, so time the total without it.
 """
 from __future__ import annotations
 
@@ -62,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--child-timeout", type=float, default=580, help="seconds per child process")
     p.add_argument("--mode", choices=MODES, help="(child) run one mode and print its row")
     p.add_argument("--host-budget", default="2GiB", help="flashmem_host's host_budget")
+    p.add_argument("--time-copies", action="store_true",
+                   help="flashmem modes on CUDA: time every copy with events (inside the graph too) and report "
+                        "the link's busy and idle time per model; the events add a little to the total")
     args = p.parse_args(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in args.mode_list:
@@ -147,16 +155,52 @@ def link_rate(dev) -> dict:
             "link_kind": "pinned host-to-device" if cuda else "cpu RAM copy"}
 
 
-def child_flashmem(spec, dev) -> dict:
+def link_activity(copies: list, bounds: list, names: list[str]) -> dict:
+    """From a run's timed copies (start s, end s, bytes) and call boundaries: how many copies, the link's busy
+    time (the union of the copies), the rate while busy, and the idle time within each model's calls (the
+    link idles where its next copy waits for the bytes it lands on to be released, or has none to do)."""
+    spans = sorted((a, b) for a, b, _ in copies)
+    busy, merged = 0.0, []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    busy = sum(b - a for a, b in merged)
+    total = bounds[-1] if bounds else (merged[-1][1] if merged else 0.0)
+    idle_by_model: dict[str, float] = {}
+    gaps = []  # (seconds, call index) of the idle stretches
+    edges = [0.0] + [e for ab in merged for e in ab] + [total]
+    for a, b in zip(edges[0::2], edges[1::2]):  # the idle stretches between the busy ones
+        if b <= a:
+            continue
+        for k, name in enumerate(names):
+            lo, hi = max(a, bounds[k]), min(b, bounds[k + 1])
+            if hi > lo:
+                idle_by_model[name] = idle_by_model.get(name, 0.0) + hi - lo
+        k = max((i for i in range(len(names)) if bounds[i] <= a), default=0)
+        gaps.append((b - a, k))
+    gaps.sort(reverse=True)
+    moved = sum(n for _, _, n in copies)
+    return {"copies": len(copies), "copied_bytes": moved, "link_busy_s": busy, "span_s": total,
+            "link_idle_s": total - busy, "busy_rate_Bps": moved / busy if busy else None,
+            "idle_by_model_s": {k: round(v, 5) for k, v in idle_by_model.items()},
+            "largest_gaps": [{"s": round(g, 6), "call": k, "model": names[k]} for g, k in gaps[:8]]}
+
+
+def child_flashmem(spec, dev, time_copies: bool = False) -> dict:
     import torch
     from flashmem.queue import run_queue
 
     names = spec.sequence()
-    run = run_queue(spec)
+    run = run_queue(spec, time_copies=time_copies)
     row = {"total_s": run.total_s, "setup_s": run.setup_s, "peak_bytes": run.peak_bytes,
            "average_bytes": run.average_bytes, "baseline_bytes": run.baseline_bytes,
            "streamed_bytes": run.streamed_bytes, "samples": samples_of(run.sampler),
            "per_call_s": [r.end_s - r.start_s for r in run.results], "graph_refusals": run.graph_refusals}
+    if run.copies:
+        row["link_activity"] = link_activity(run.copies, run.boundaries_s, names)
+    row["allocator_counts"] = run.allocator_counts
     row.update(output_checks(names, [r.output for r in run.results]))
     del run
     gc.collect()
@@ -324,7 +368,7 @@ def child(args) -> None:
         if args.mode == "flashmem_graphs":
             spec = dataclasses.replace(spec, cuda_graphs=True)
         if args.mode.startswith("flashmem"):
-            row = child_flashmem(spec, dev)
+            row = child_flashmem(spec, dev, args.time_copies)
         else:
             row = child_baseline(spec, dev, args.mode)
         row["within_budget"] = row["peak_bytes"] <= spec.budget_bytes
@@ -354,6 +398,7 @@ def main(argv=None) -> int:
         old.unlink()
     script = str(Path(__file__).resolve())
     common = (["--spec", args.spec, "--host-budget", args.host_budget]
+              + (["--time-copies"] if args.time_copies else [])
               + (["--device", args.device] if args.device else [])
               + (["--rounds", str(args.rounds)] if args.rounds is not None else []))
     rows = []
@@ -416,6 +461,17 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("per_model_median_ms"):
             print(f"{r['mode']} per-model median ms: {r['per_model_median_ms']}")
+    for r in rows:
+        if r.get("allocator_counts"):
+            print(f"{r['mode']} caching allocator over the timed run: {r['allocator_counts']}")
+    for r in rows:
+        act = r.get("link_activity")
+        if act:
+            rate = act["busy_rate_Bps"] and act["busy_rate_Bps"] / 1e9
+            print(f"{r['mode']} link: {act['copies']} copies, {act['copied_bytes'] / 1e9:.2f} GB, busy "
+                  f"{act['link_busy_s']:.3f} s of {act['span_s']:.3f} s ({rate and round(rate, 1)} GB/s while busy), "
+                  f"idle {act['link_idle_s']:.3f} s; idle per model {act['idle_by_model_s']}; largest gaps "
+                  f"{[(g['s'], g['model']) for g in act['largest_gaps'][:5]]}")
     gpu = next((r["versions"]["gpu"] for r in rows if r.get("versions", {}).get("gpu")), None)
     print(f"\n{args.spec}: {len(spec.models)} models, {len(names)} calls ({spec.rounds} rounds, order "
           f"{spec.order if spec.order == 'random' else 'fixed'}), {str(spec.dtype).replace('torch.', '')}, "

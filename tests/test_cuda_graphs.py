@@ -120,6 +120,30 @@ def test_cuda_graphs_replays_are_exact_with_fresh_inputs_within_the_budget(refs)
 
 
 @cuda
+def test_copies_are_timed_inside_a_replayed_graph(refs):
+    """With record_loads, a graph holds an event pair around each copy; after a replay they give every copy's
+    interval on the one copy stream, in order, the bytes of the plan's loads."""
+    sm = stream_graphed(refs)
+    try:
+        with torch.no_grad():
+            sm(refs["xs"][0])  # the trace's plan and executor; record_loads from here on
+            mover = sm._executor.mover
+            mover.record_loads = True
+            outs = [hidden(sm(refs["xs"][i % 3])) for i in range(4)]
+        assert sm._graphs.replays >= 1 and sm.graph_refusals == {}
+        assert all(torch.equal(o, refs["refs"][i % 3]) for i, o in enumerate(outs))
+        copies = mover.copy_intervals()
+        assert len(copies) == sum(len(groups) for groups in mover.groups.values())
+        assert sum(n for _, _, n in copies) == sum(load.nbytes for load in sm.plan.loads)
+        wall = sm.stats.wall_s
+        for (a, b, _), (c, _, _) in zip(copies, copies[1:] + [(wall, wall, 0)]):
+            assert 0 <= a <= b <= c <= wall * 1.01, (a, b, c, wall)
+    finally:
+        sm.close()
+        settle()
+
+
+@cuda
 def test_cuda_graphs_alternating_inputs_drop_the_graph_then_stay_eager_exactly(refs):
     """Two signatures of one shape (scale left out, or given) share the arena's layout, so each keeps its
     executor; each switch drops the other's graph, and after three captures each signature

@@ -250,12 +250,30 @@ class QueueRun:
     sampler: MemorySampler | None = None
     baseline_bytes: int = 0
     graph_refusals: dict = field(default_factory=dict)  # cuda_graphs: sequence signature -> why it ran eagerly
+    # time_copies (CUDA): the timed run's copies, (start s, end s, bytes) from its start, and its call boundaries
+    copies: list = field(default_factory=list)
+    boundaries_s: list = field(default_factory=list)
+    # CUDA: the caching allocator's counters over the timed run (cudaMalloc and cudaFree calls, retries after
+    # a failed one, synchronisations of every stream): a call that presses on its cap frees and mallocs,
+    # and each of those waits for the device
+    allocator_counts: dict = field(default_factory=dict)
 
 
-def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def _allocator_counts(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ALLOCATOR_COUNTS}
+
+
+def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False) -> QueueRun:
     """Build the spec's models, make a Workload under its budget, run its sequence (after untimed runs of
     the same sequence when `warmup`: one, or with cuda_graphs three, which plan, probe and capture it),
-    sampling memory."""
+    sampling memory. `time_copies` (CUDA, with warmup): every copy of the runs after the first is timed
+    with events (a graph then holds them too), and `QueueRun.copies` gives the timed run's."""
     from .workload import Workload
 
     device = torch.device(spec.device)
@@ -272,8 +290,12 @@ def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
                   cuda_graphs=spec.cuda_graphs)
     calls = [(name, (), inputs[name]) for name in spec.sequence()]
     try:
-        for _ in range((3 if spec.cuda_graphs else 1) if warmup else 0):
+        for k in range((3 if spec.cuda_graphs else 1) if warmup else 0):
             wl.run(calls)
+            if k == 0 and time_copies and device.type == "cuda":  # the sequence's own plan is made by now
+                wl.streamed._executor.mover.record_loads = True
+        if time_copies and device.type == "cuda" and not warmup:
+            raise FlashmemError("time_copies needs the warm-up runs (the first plans the sequence)")
         setup_s = time.perf_counter() - t0
         if device.type == "cpu":
             import gc
@@ -283,12 +305,14 @@ def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        counts0 = _allocator_counts(device)
         sampler.start()
         t1 = time.perf_counter()
         results = wl.run(calls)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         total = time.perf_counter() - t1
+        counts = {k: v - counts0[k] for k, v in _allocator_counts(device).items()}
         sampler.stop()
         peak = max(sampler.bytes)
         if device.type == "cuda":
@@ -296,8 +320,13 @@ def run_queue(spec: QueueSpec, warmup: bool = True) -> QueueRun:
         failed = [r for r in results if r.error is not None]
         if failed:
             raise FlashmemError(f"{len(failed)} of {len(results)} calls failed; the first: {failed[0].error!r}")
+        copies, bounds = [], []
+        if time_copies and device.type == "cuda":
+            copies = wl.streamed._executor.mover.copy_intervals()
+            bounds = [r.start_s - results[0].start_s for r in results] + [results[-1].end_s - results[0].start_s]
         return QueueRun(results, total, setup_s, peak - base, sampler.average_bytes() - base,
-                        wl.plan.streamed_bytes, spec.budget_bytes, sampler, base, wl.graph_refusals)
+                        wl.plan.streamed_bytes, spec.budget_bytes, sampler, base, wl.graph_refusals, copies, bounds,
+                        counts)
     finally:
         wl.close()
 

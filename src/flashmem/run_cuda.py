@@ -260,6 +260,15 @@ class CudaMover:
         return Timeline(tuple(starts), tuple(s + d for s, d in zip(starts, steps)), tuple(load_start),
                         tuple(load_end))
 
+    def copy_intervals(self) -> list[tuple[float, float, int]]:
+        """(start s, end s, bytes) of each copy of the last call made with `record_loads`, from the call's
+        start; a copy starts once the releases it waits for are in. Valid after a replay of a graph captured
+        with `record_loads` too (its events are recorded again)."""
+        self.t_end.synchronize()
+        t0 = self.t_begin
+        return [(t0.elapsed_time(a) / 1e3, t0.elapsed_time(b) / 1e3, sum(self.plan.loads[j].nbytes for j in done))
+                for done, a, b in self.load_marks]
+
     def step_seconds(self) -> list[float]:
         """Compute time of each step of the last call (op i's entry, after its waits, to op i + 1's
         entry); valid after a call made with every op timed."""
