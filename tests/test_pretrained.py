@@ -220,6 +220,13 @@ def test_host_store_reads_in_the_background_and_waits_per_weight(tmp_path, monke
         assert torch.equal(out.view(torch.float32), tensors[f"w{i}"])
     store.wait_all()
     store.close()
+    # several threads preparing chunks at once (CUDA's default), readers waiting for each chunk
+    store = HostStore([loc.nbytes for loc in locs], pin_now=False)
+    store.fill_in_background(locs, threads=2, preparers=3)
+    store.wait_all()
+    for i in range(20):
+        assert torch.equal(store.view(i).view(torch.float32), tensors[f"w{i}"]), i
+    store.close()
     missing = TensorLocation(str(tmp_path / "gone.safetensors"), 8, 16, torch.float32, (4,))
     store = HostStore([16, 16])
     store.fill_in_background([missing, missing], threads=2)

@@ -110,7 +110,7 @@ class HostStore:
         return cls([s.nbytes for s in sources], pin_now=False,
                    file_offsets=[s.offset_bytes if isinstance(s, TensorLocation) else 0 for s in sources])
 
-    def fill_in_background(self, sources: list, threads: int = 4) -> None:
+    def fill_in_background(self, sources: list, threads: int = 4, preparers: int | None = None) -> None:
         """Read every weight (a TensorLocation, or a tensor) into the buffer on `threads` threads, in weight
         order, in pieces of about READ_PIECE_BYTES (a large weight is read by every thread at once).
         `read_into` waits for its weight, so a model's first ops run while later weights are still being read
@@ -203,10 +203,11 @@ class HostStore:
                     if direct_fd is not None:
                         os.close(direct_fd)
 
-        # On CUDA as many preparers as readers: one thread faults and pins about 1.3 GB/s (H200 host), which
-        # is the storage's rate cold but a quarter of the page cache's warm. Without CUDA one, beside readers
-        # that share few cores.
-        preparers = threads if cuda else 1
+        # By default on CUDA as many preparers as readers: one thread faults in and pins about 1.3 GB/s (H200
+        # host), below the storage's rate cold and a twelfth of the page cache's warm. Without CUDA one,
+        # beside readers that share few cores.
+        if preparers is None:
+            preparers = threads if cuda else 1
         self._fillers = [threading.Thread(target=prepare, name=f"flashmem-pin-{k}", daemon=True)
                          for k in range(preparers)] + [
             threading.Thread(target=work, name=f"flashmem-read-{k}", daemon=True) for k in range(threads)]
