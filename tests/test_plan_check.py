@@ -235,6 +235,25 @@ def test_a_activations_and_buffers_come_off_the_top():
     assert info.value.need_bytes == 256
 
 
+# Program D: a head tied to W1 at the end of the call, so W1 has two use runs (two loads if streamed):
+#   op i 'mi' uses Wi (i = 0..3), op 4 'head' uses W1 again; each weight 100 B -> 128 B.
+D = program([100, 100, 100, 100], [("m0", (0,), 0), ("m1", (1,), 1), ("m2", (2,), 2), ("m3", (3,), 3),
+                                   ("head", (1,), 4)])
+
+
+def test_d_the_weight_loaded_twice_is_the_resident():
+    # Budget 384: a 256 B ring leaves 128 B for one resident. W1 would be loaded twice, the others once, so
+    # W1 stays (300 B streamed; W0 resident, as by first use alone, would stream W1 twice: 400 B). The ring
+    # [128, 384): W0 -> ring 0 (arena 128) at op 0; W2 -> ring 128 (arena 256), free from the start: at op 0;
+    # W3 -> wraps to ring 0 (arena 128), whose bytes W0 holds until op 0: issued at op 1.
+    plan = plan_for(D, 384)
+    assert [(r.weight, r.offset_bytes) for r in plan.residents] == [(1, 0)]
+    assert loads_as_tuples(plan) == [(0, 0, 0, 0, 0, 128), (2, 0, 2, 2, 2, 256), (3, 1, 3, 3, 3, 128)]
+    assert plan.streamed_bytes == 300
+    assert_valid(plan, D)
+    assert_movers_keep_it(plan, D)
+
+
 # Program B: a container with its own weight around two nested ops, and the container's weight used
 # again right after it (a tied head):
 #   op 0 'block'   uses W0 (200 B -> 256 B), exits after op 2

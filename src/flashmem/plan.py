@@ -286,8 +286,9 @@ def arena_limit(budget_bytes: int, activation_bytes: int, fixed_bytes: int, gran
 
 def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: int,
                 activation_bytes: int, granularity: int = 1) -> "Plan":
-    """Keep what fits resident (in order of first use), stream the rest through a ring, each load
-    starting as soon as the bytes it lands on are free. Raises BudgetTooSmall if nothing fits."""
+    """Keep what fits resident (the weights loaded most often first, then in order of first use), stream
+    the rest through a ring, each load starting as soon as the bytes it lands on are free. Raises
+    BudgetTooSmall if nothing fits."""
     runs = use_runs(program)
     fixed = activation_bytes + program.fixed_bytes
     avail = arena_limit(budget_bytes, activation_bytes, program.fixed_bytes, granularity)
@@ -303,15 +304,19 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
 
     sizes = {w.index: align_up(w.nbytes, alignment) for w in program.weights}
     first_use: dict[int, int] = {}
+    loads_of: dict[int, int] = {}
     for r in runs:  # runs are in order of first use
         first_use.setdefault(r.weight, r.first_use)
+        loads_of[r.weight] = loads_of.get(r.weight, 0) + 1
     used = list(first_use)
     if sum(sizes[w] for w in used) <= avail:
         order = used  # everything fits: all resident, nothing streamed
     else:
+        # Residents save the most where a weight would be loaded most often (a tied head loaded at both ends
+        # of a call, a model called several times in a Workload's sequence): those first, then by first use.
         ring_target = min(avail, 2 * need)
         order, total = [], 0
-        for w in used:
+        for w in sorted(used, key=lambda w: -loads_of[w]):  # stable: in order of first use among equals
             if total + sizes[w] <= avail - ring_target:
                 order.append(w)
                 total += sizes[w]
