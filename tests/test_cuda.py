@@ -109,6 +109,28 @@ def test_cuda_exact(case, fraction):
         settle()
 
 
+def test_cuda_host_inputs_may_change_once_the_call_returns(case):
+    """A host input reaches the device through flashmem's own pinned copy, without the host waiting for the
+    GPU: the call returns while the GPU is still busy, and the caller's tensor (pageable or pinned) may be
+    overwritten at once without changing the output."""
+    sm, _ = stream_below_size(case, 0.7)
+    try:
+        for pin in (False, True):
+            x = case["xs"][1].cpu()
+            x = x.pin_memory() if pin else x
+            torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time queued ahead of the call's copy
+            with torch.no_grad():
+                out = out_of(sm(x))
+            assert not torch.cuda.current_stream().query(), "the call waited for the GPU"
+            x.zero_()  # before the queued work reaches the call's input copy
+            torch.cuda.synchronize()
+            assert torch.equal(out, case["refs"][1]), f"pinned={pin}"
+            del out
+    finally:
+        sm.close()
+        settle()
+
+
 def test_cuda_reserved_memory_within_budget(case):
     """From before flashmem.stream (trace, plan, arena) to after several calls, the caching allocator's
     reserved memory grows by at most the budget. flashmem resets the peak statistics itself (in the trace

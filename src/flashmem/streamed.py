@@ -419,14 +419,17 @@ class StreamedModel:
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _to_device(self, x: Any) -> Any:
-        """`x` on the device. A host tensor goes to CUDA through pinned memory: a copy from pageable memory
-        waits for the work already queued on the stream, so the host could not queue a call's kernels ahead
-        of the GPU (the caching host allocator keeps the pinned block until the copy is done)."""
+        """`x` on the device. A host tensor goes to CUDA through a pinned copy of it: a copy from pageable
+        memory waits for the work already queued on the stream, so the host could not queue a call's kernels
+        ahead of the GPU. The copy is flashmem's own (the caching host allocator keeps its block until the
+        device copy is done), so the caller may change `x` as soon as the call returns, pinned or not."""
         if not isinstance(x, torch.Tensor) or x.device == self.device:
             return x
         if (self.device.type == "cuda" and x.device.type == "cpu"
                 and not torch.cuda.is_current_stream_capturing()):
-            return (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
+            staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            staged.copy_(x)
+            return staged.to(self.device, non_blocking=True)
         return x.to(self.device)
 
     def _call_begin(self, module, args, kwargs):
