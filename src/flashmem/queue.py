@@ -277,6 +277,8 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False) -
     from .workload import Workload
 
     device = torch.device(spec.device)
+    if time_copies and device.type == "cuda" and not warmup:
+        raise FlashmemError("time_copies needs the warm-up runs (the first plans the sequence)")
     models = {m.name: build_model(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
     inputs = {m.name: make_inputs(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
     sampler = MemorySampler(device)
@@ -294,8 +296,6 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False) -
             wl.run(calls)
             if k == 0 and time_copies and device.type == "cuda":  # the sequence's own plan is made by now
                 wl.streamed._executor.mover.record_loads = True
-        if time_copies and device.type == "cuda" and not warmup:
-            raise FlashmemError("time_copies needs the warm-up runs (the first plans the sequence)")
         setup_s = time.perf_counter() - t0
         if device.type == "cpu":
             import gc

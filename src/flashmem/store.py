@@ -116,16 +116,19 @@ class HostStore:
         `read_into` waits for its weight, so a model's first ops run while later weights are still being read
         (a cold start overlaps storage with compute); `wait_all` waits for every read and every pin.
 
-        Two things keep the fill at the storage's rate. Helper threads prepare the chunks in order, ahead
-        of the readers, which wait for their chunk: they fault the pages in (MADV_POPULATE_WRITE) and on CUDA
-        pin the chunk (cudaHostRegister); the readers then neither fault pages in nor contend with pinning. And the middle of each piece, between DIRECT_ALIGN
-        boundaries of the file, is read with O_DIRECT (`files.pread_into`): the storage writes into the
+        Two things keep the fill at the storage's rate. Helper threads (`preparers`) prepare the chunks in
+        order, ahead of the readers, which wait for their chunk: they fault the pages in
+        (MADV_POPULATE_WRITE) and on CUDA pin the chunk (cudaHostRegister); the readers then neither fault
+        pages in nor contend with pinning. And the middle of each piece, between DIRECT_ALIGN boundaries of
+        the file, is read with O_DIRECT (`files.pread_into`): the storage writes into the
         buffer, without a copy out of the page cache; a file mostly in the page cache is read through it.
         Measured (benchmarks/read_rate.py, H200 host, 4 GB cold, 16 MiB pieces on 4 threads, median of 3):
         1.51 GB/s raw into a prefaulted buffer; pinning each chunk after its reads, by the reader that
         completes it (the fill as it was), 1.30 (0.86x); pinning ahead 1.40 (0.92x); pinning ahead with
-        O_DIRECT of whole page-aligned spans 1.63 (1.07x). This fill (2 GB, median of 3): 1.52 GB/s (0.94x
-        of 1.63 raw) with page-congruent weights, 1.30 with weights congruent modulo 512 only."""
+        O_DIRECT of whole page-aligned spans 1.63 (1.07x). This fill with one preparer (2 GB, median of 3):
+        1.52 GB/s (0.94x of 1.63 raw) with page-congruent weights, 1.30 with weights congruent modulo 512
+        only. With four (benchmarks/bench_cold.py, GPT-Neo-2.7B, 1.46 GB/s storage): the first output at 1.06x
+        of the storage's time cold, and a warm start 2.2x faster than with one."""
         self._ready = [threading.Event() for _ in sources]
         self._fill_error: BaseException | None = None
         chunk_ready = [threading.Event() for _ in self.chunk_starts]
