@@ -287,7 +287,7 @@ def test_staged_store_reads_a_weight_larger_than_its_ring_in_pieces(tmp_path):
 
 
 def test_host_budget_is_refused_on_the_cpu_and_must_hold_the_largest_weight():
-    from flashmem.streamed import _host_budget_check
+    from flashmem.build import _host_budget_check
 
     model = make_model("mlp")
     with pytest.raises(FlashmemError, match="host_budget applies to CUDA"):

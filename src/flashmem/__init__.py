@@ -15,7 +15,8 @@ from .errors import (BadBudget, BadModelFolder, BudgetTooSmall, ControlFlowWarni
 from .plan import Load, Plan, Resident
 from .pretrained import from_pretrained
 from .run import CallStats, DebugOptions
-from .streamed import StreamedModel, stream
+from .build import stream
+from .streamed import StreamedModel
 from .units import fmt_bytes, parse_bytes
 from .workload import CallResult, Workload
 

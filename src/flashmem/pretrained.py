@@ -17,7 +17,8 @@ from .errors import BadModelFolder
 from .files import TensorLocation, convert_pickles, index_folder, pickle_checkpoints
 from .split import Split, row_embeddings, sub_location
 from .store import FileStore, HostStore, StagedStore
-from .streamed import StreamedModel, build, default_cache_dir
+from .build import build, default_cache_dir
+from .streamed import StreamedModel
 from .trace import ModelWeights
 
 

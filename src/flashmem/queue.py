@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import FlashmemError
-from .units import fmt_bytes, parse_bytes
+from .units import parse_bytes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int64": torch.int64,
           "int32": torch.int32}

@@ -55,7 +55,7 @@ def timing_event() -> torch.cuda.Event:
     """A CUDA event that times, also inside a captured CUDA graph (an event record node there)."""
     try:
         return torch.cuda.Event(enable_timing=True, external=True)
-    except TypeError:  # a PyTorch without external events: graphs are refused (streamed.build)
+    except TypeError:  # a PyTorch without external events: graphs are refused (build.build)
         return torch.cuda.Event(enable_timing=True)
 
 

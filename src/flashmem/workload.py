@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_map
 from .errors import FlashmemError
 from .graphs import input_bytes
 from .run_cuda import timing_event
-from .streamed import StreamedModel, build, _store_from_tensors
+from .build import build, _store_from_tensors
+from .streamed import StreamedModel
 from .trace import Op, Program, input_signature
 
 Call = tuple[str, tuple, dict]  # (model name, args, kwargs)
