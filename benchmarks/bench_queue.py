@@ -201,6 +201,7 @@ def child_flashmem(spec, dev, time_copies: bool = False) -> dict:
     if run.copies:
         row["link_activity"] = link_activity(run.copies, run.boundaries_s, names)
     row["allocator_counts"] = run.allocator_counts
+    row["plan"] = run.plan_summary
     row.update(output_checks(names, [r.output for r in run.results]))
     del run
     gc.collect()
@@ -461,6 +462,10 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("per_model_median_ms"):
             print(f"{r['mode']} per-model median ms: {r['per_model_median_ms']}")
+    for r in rows:
+        if r.get("plan"):
+            print(f"{r['mode']} plan: " + ", ".join(f"{k} {C.fmt_gb(v) + ' GB' if k.endswith('_bytes') else v}"
+                                                   for k, v in r["plan"].items()))
     for r in rows:
         if r.get("allocator_counts"):
             print(f"{r['mode']} caching allocator over the timed run: {r['allocator_counts']}")

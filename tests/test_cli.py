@@ -10,6 +10,7 @@ import torch
 
 import flashmem
 from flashmem.cli import main
+from flashmem.units import parse_bytes
 
 from conftest import hf_model, resident
 
@@ -111,6 +112,13 @@ def test_queue_command_runs_a_spec_and_writes_the_plot(tmp_path, capsys):
     assert "llama" in text and "vit" in text and "6 calls" in text
     streamed = re.search(r"([\d.]+)\s+(B|KiB|MiB)\s+streamed", text)
     assert streamed and float(streamed.group(1)) > 0, text  # the budget makes the models stream
+    plan = re.search(r"plan: arena ([\d.]+ \w+) \((\d+) weights resident in ([\d.]+ \w+), a ring of ([\d.]+ \w+)\), "
+                     r"activations ([\d.]+ \w+), (\d+) loads per sequence", re.sub(r"\s+", " ", text))
+    assert plan, text
+    arena, resident, ring, activations = (0 if plan.group(i) == "0 B" else parse_bytes(plan.group(i).replace(" ", ""))
+                                          for i in (1, 3, 4, 5))
+    assert int(plan.group(6)) > 0 and arena + activations <= 400_000
+    assert abs(arena - resident - ring) <= 16  # each printed to two decimals of KiB
     assert out.exists() and out.stat().st_size > 1000
 
 

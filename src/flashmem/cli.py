@@ -116,6 +116,11 @@ def cmd_queue(args) -> int:
                   f"{run.setup_s:.1f} s); device memory over the baseline: peak {fmt_bytes(run.peak_bytes)}, "
                   f"average {fmt_bytes(int(run.average_bytes))}, budget {fmt_bytes(spec.budget_bytes)}; "
                   f"{fmt_bytes(run.streamed_bytes)} streamed")
+    ps = run.plan_summary
+    console.print(f"plan: arena {fmt_bytes(ps['arena_bytes'])} ({ps['residents']} weights resident in "
+                  f"{fmt_bytes(ps['resident_bytes'])}, a ring of {fmt_bytes(ps['ring_bytes'])}), activations "
+                  f"{fmt_bytes(ps['activation_bytes'])}, {ps['loads']} loads per sequence"
+                  + (f" in {ps['copies']} copies" if "copies" in ps else ""))
     if args.out:
         plot_memory({"flashmem": run.sampler}, spec.budget_bytes, args.out, {"flashmem": run.baseline_bytes})
         console.print(f"memory over time: {args.out}")

@@ -257,6 +257,20 @@ class QueueRun:
     # a failed one, synchronisations of every stream): a call that presses on its cap frees and mallocs,
     # and each of those waits for the device
     allocator_counts: dict = field(default_factory=dict)
+    plan_summary: dict = field(default_factory=dict)  # the sequence's plan in bytes and counts (`plan_summary`)
+
+
+def plan_summary(wl) -> dict:
+    """How a Workload's last plan splits the budget (arena: residents and ring; activations; fixed bytes) and
+    how many loads, and on CUDA copies (loads merged where they follow each other), one sequence makes."""
+    plan = wl.plan
+    out = {"arena_bytes": plan.arena_bytes, "resident_bytes": plan.resident_bytes,
+           "ring_bytes": plan.arena_bytes - plan.resident_bytes, "activation_bytes": plan.activation_bytes,
+           "fixed_bytes": plan.fixed_bytes, "residents": len(plan.residents), "loads": len(plan.loads)}
+    groups = getattr(getattr(wl.streamed._executor, "mover", None), "groups", None)
+    if groups is not None:
+        out["copies"] = sum(len(g) for g in groups.values())
+    return out
 
 
 ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
@@ -326,7 +340,7 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False) -
             bounds = [r.start_s - results[0].start_s for r in results] + [results[-1].end_s - results[0].start_s]
         return QueueRun(results, total, setup_s, peak - base, sampler.average_bytes() - base,
                         wl.plan.streamed_bytes, spec.budget_bytes, sampler, base, wl.graph_refusals, copies, bounds,
-                        counts)
+                        counts, plan_summary(wl))
     finally:
         wl.close()
 
