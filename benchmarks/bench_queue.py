@@ -465,7 +465,10 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("plan"):
             print(f"{r['mode']} plan: " + ", ".join(f"{k} {C.fmt_gb(v) + ' GB' if k.endswith('_bytes') else v}"
-                                                   for k, v in r["plan"].items()))
+                                                   for k, v in r["plan"].items() if k != "copy_sizes"))
+            if r["plan"].get("copy_sizes"):
+                print(f"{r['mode']} copies (count, GB) by size: " + ", ".join(
+                    f"{k} ({n}, {C.fmt_gb(b)})" for k, (n, b) in r["plan"]["copy_sizes"].items()))
     for r in rows:
         if r.get("allocator_counts"):
             print(f"{r['mode']} caching allocator over the timed run: {r['allocator_counts']}")

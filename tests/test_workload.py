@@ -214,3 +214,28 @@ def test_split_bytes_applies_to_every_model():
         assert max(w.nbytes for w in wl.streamed.program.weights if ".parts." in w.name) <= 32 * 2**10
     finally:
         wl.close()
+
+
+def test_plan_summary_splits_the_arena_and_sorts_copies_by_size():
+    """`queue.plan_summary`: the arena is residents plus ring, and on CUDA each copy (a group of loads that
+    move together) falls in exactly one size class, its bytes counted there (the mover is faked: its groups
+    are what the CUDA mover makes, (destination view, source view, waits, loads))."""
+    from types import SimpleNamespace
+
+    from flashmem.queue import plan_summary
+
+    KiB, MiB = 2**10, 2**20
+    plan = SimpleNamespace(arena_bytes=100 * MiB, resident_bytes=60 * MiB, activation_bytes=8 * MiB,
+                           fixed_bytes=MiB, residents=(1, 2, 3), loads=tuple(range(7)))
+    sizes = [4 * KiB, 64 * KiB, 900 * KiB, MiB, 5 * MiB, 16 * MiB, 16 * MiB + 1]  # one group per load here
+    groups = {step: [(torch.empty(n, dtype=torch.uint8, device="meta"), None, (), (step,))]
+              for step, n in enumerate(sizes)}
+    wl = SimpleNamespace(plan=plan, streamed=SimpleNamespace(_executor=SimpleNamespace(
+        mover=SimpleNamespace(groups=groups))))
+    s = plan_summary(wl)
+    assert (s["ring_bytes"], s["residents"], s["loads"], s["copies"]) == (40 * MiB, 3, 7, 7)
+    assert list(s["copy_sizes"].values()) == [(1, 4 * KiB), (2, 64 * KiB + 900 * KiB), (1, MiB), (1, 5 * MiB),
+                                              (2, 32 * MiB + 1)]
+    assert list(s["copy_sizes"]) == ["<64.00 KiB", "<1.00 MiB", "<4.00 MiB", "<16.00 MiB", ">=16.00 MiB"]
+    del wl.streamed._executor.mover  # the CPU's movers make no copy groups
+    assert "copies" not in plan_summary(wl)

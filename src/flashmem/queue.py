@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import FlashmemError
-from .units import parse_bytes
+from .units import fmt_bytes, parse_bytes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int64": torch.int64,
           "int32": torch.int32}
@@ -260,6 +260,9 @@ class QueueRun:
     plan_summary: dict = field(default_factory=dict)  # the sequence's plan in bytes and counts (`plan_summary`)
 
 
+COPY_SIZE_EDGES = (64 << 10, 1 << 20, 4 << 20, 16 << 20)
+
+
 def plan_summary(wl) -> dict:
     """How a Workload's last plan splits the budget (arena: residents and ring; activations; fixed bytes) and
     how many loads, and on CUDA copies (loads merged where they follow each other), one sequence makes."""
@@ -269,7 +272,16 @@ def plan_summary(wl) -> dict:
            "fixed_bytes": plan.fixed_bytes, "residents": len(plan.residents), "loads": len(plan.loads)}
     groups = getattr(getattr(wl.streamed._executor, "mover", None), "groups", None)
     if groups is not None:
-        out["copies"] = sum(len(g) for g in groups.values())
+        sizes = [dst.numel() for gs in groups.values() for dst, *_ in gs]
+        out["copies"] = len(sizes)
+        # (copies, bytes) per size class: where per-copy overhead would weigh (the link's rate by piece size
+        # is benchmarks/link_rate.py's)
+        edges = [(f"<{fmt_bytes(e)}", e) for e in COPY_SIZE_EDGES] + [(f">={fmt_bytes(COPY_SIZE_EDGES[-1])}", None)]
+        out["copy_sizes"] = {}
+        for label, edge in edges:
+            picked = [n for n in sizes if edge is None or n < edge]
+            sizes = [n for n in sizes if not (edge is None or n < edge)]
+            out["copy_sizes"][label] = (len(picked), sum(picked))
     return out
 
 
