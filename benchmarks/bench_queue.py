@@ -35,6 +35,10 @@ $OUT/bench_queue_memory.json, the plot to $OUT/bench_queue.png (when $OUT is set
 too), and the row's `link_activity` says how many copies moved how many bytes, how long the link was busy
 and at what rate, and where it idled (per model, and the largest gaps): where a sequence falls short of the
 link floor. The events add a little to the total, so time the total without it.
+
+--no-merge (CUDA, flashmem modes): from the second run on, every load is a copy of its own (loads that follow
+each other in the arena and in host memory are otherwise merged into one copy); the same plan's total and
+copies against a run without it show what merging saves.
 """
 from __future__ import annotations
 
@@ -67,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--child-timeout", type=float, default=580, help="seconds per child process")
     p.add_argument("--mode", choices=MODES, help="(child) run one mode and print its row")
     p.add_argument("--host-budget", default="2GiB", help="flashmem_host's host_budget")
+    p.add_argument("--no-merge", action="store_true",
+                   help="flashmem modes on CUDA: copy every load on its own instead of merging loads that follow "
+                        "each other (CudaMover.merge_copies(False)), to measure what merging saves")
     p.add_argument("--time-copies", action="store_true",
                    help="flashmem modes on CUDA: time every copy with events (inside the graph too) and report "
                         "the link's busy and idle time per model; the events add a little to the total")
@@ -188,12 +195,12 @@ def link_activity(copies: list, bounds: list, names: list[str]) -> dict:
             "largest_gaps": [{"s": round(g, 6), "call": k, "model": names[k]} for g, k in gaps[:8]]}
 
 
-def child_flashmem(spec, dev, time_copies: bool = False) -> dict:
+def child_flashmem(spec, dev, time_copies: bool = False, merge_copies: bool = True) -> dict:
     import torch
     from flashmem.queue import run_queue
 
     names = spec.sequence()
-    run = run_queue(spec, time_copies=time_copies)
+    run = run_queue(spec, time_copies=time_copies, merge_copies=merge_copies)
     row = {"total_s": run.total_s, "setup_s": run.setup_s, "peak_bytes": run.peak_bytes,
            "average_bytes": run.average_bytes, "baseline_bytes": run.baseline_bytes,
            "streamed_bytes": run.streamed_bytes, "samples": samples_of(run.sampler),
@@ -369,7 +376,7 @@ def child(args) -> None:
         if args.mode == "flashmem_graphs":
             spec = dataclasses.replace(spec, cuda_graphs=True)
         if args.mode.startswith("flashmem"):
-            row = child_flashmem(spec, dev, args.time_copies)
+            row = child_flashmem(spec, dev, args.time_copies, not args.no_merge)
         else:
             row = child_baseline(spec, dev, args.mode)
         row["within_budget"] = row["peak_bytes"] <= spec.budget_bytes
@@ -399,7 +406,7 @@ def main(argv=None) -> int:
         old.unlink()
     script = str(Path(__file__).resolve())
     common = (["--spec", args.spec, "--host-budget", args.host_budget]
-              + (["--time-copies"] if args.time_copies else [])
+              + (["--time-copies"] if args.time_copies else []) + (["--no-merge"] if args.no_merge else [])
               + (["--device", args.device] if args.device else [])
               + (["--rounds", str(args.rounds)] if args.rounds is not None else []))
     rows = []

@@ -298,3 +298,38 @@ def test_host_budget_is_refused_on_the_cpu_and_must_hold_the_largest_weight():
         _host_budget_check(mw, largest - 1)
     assert fmt_bytes(largest - 1) in str(info.value)
     _host_budget_check(mw, align_up(largest, 4096))  # enough
+
+
+def test_cuda_copy_groups_merge_adjacent_loads_of_a_step_and_not_when_asked():
+    """`CudaMover._copy_groups` (no GPU needed: views of host tensors stand in for the arena): loads issued at
+    one step that follow each other in the arena and in host memory (alignment padding between them
+    allowed), in one pinned chunk, move as one copy; a gap on either side, another chunk or another step
+    starts a new copy. With merge=False (`merge_copies(False)`) every load is its own copy."""
+    from types import SimpleNamespace
+
+    from flashmem.plan import Load
+    from flashmem.run_cuda import CudaMover
+
+    def load(w, step, arena_off, n):
+        return Load(weight=w, start_step=step, first_use=step + 1, last_use=step + 1, release_op=step + 1,
+                    offset_bytes=arena_off, nbytes=n)
+
+    # weights 0-2 adjacent everywhere (1 padded to 512); 3 follows 2 in the arena but not on the host;
+    # 4 follows 3 in both but lies in the next pinned chunk; 5 is adjacent to 4 but issued a step later
+    loads = (load(0, 0, 0, 512), load(1, 0, 512, 500), load(2, 0, 1024, 512), load(3, 0, 1536, 512),
+             load(4, 0, 2048, 512), load(5, 1, 2560, 512))
+    store = SimpleNamespace(offsets=[4096, 4608, 5120, 9000, 9512, 10024], chunk_of=[0, 0, 0, 0, 1, 1],
+                            buffer=torch.zeros(16384, dtype=torch.uint8))
+    mover = CudaMover.__new__(CudaMover)
+    mover.plan = SimpleNamespace(loads=loads, alignment=512)
+    mover.arena = torch.zeros(4096, dtype=torch.uint8)
+    mover.wait_free = [None] * len(loads)
+    merged = mover._copy_groups(store)
+    assert [(dst.numel(), done) for dst, _, _, done in merged[0]] == [(1536, (0, 1, 2)), (512, (3,)), (512, (4,))]
+    assert [done for *_, done in merged[1]] == [(5,)]
+    dst, src, _, _ = merged[0][0]
+    assert src.data_ptr() == store.buffer.data_ptr() + 4096 and dst.data_ptr() == mover.arena.data_ptr()
+    mover._store = store
+    mover.merge_copies(False)
+    assert [done for gs in mover.groups.values() for *_, done in gs] == [(j,) for j in range(len(loads))]
+    assert sum(d.numel() for gs in mover.groups.values() for d, *_ in gs) == sum(ld.nbytes for ld in loads)

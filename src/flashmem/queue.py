@@ -295,16 +295,18 @@ def _allocator_counts(device: torch.device) -> dict:
     return {k: stats.get(k, 0) for k in ALLOCATOR_COUNTS}
 
 
-def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False) -> QueueRun:
+def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, merge_copies: bool = True) -> QueueRun:
     """Build the spec's models, make a Workload under its budget, run its sequence (after untimed runs of
     the same sequence when `warmup`: one, or with cuda_graphs three, which plan, probe and capture it),
     sampling memory. `time_copies` (CUDA, with warmup): every copy of the runs after the first is timed
-    with events (a graph then holds them too), and `QueueRun.copies` gives the timed run's."""
+    with events (a graph then holds them too), and `QueueRun.copies` gives the timed run's. `merge_copies`
+    False (CUDA, with warmup): every load is a copy of its own from the second run on (`CudaMover.merge_copies`),
+    to measure what merging adjacent loads saves."""
     from .workload import Workload
 
     device = torch.device(spec.device)
-    if time_copies and device.type == "cuda" and not warmup:
-        raise FlashmemError("time_copies needs the warm-up runs (the first plans the sequence)")
+    if (time_copies or not merge_copies) and device.type == "cuda" and not warmup:
+        raise FlashmemError("time_copies and merge_copies=False need the warm-up runs (the first plans the sequence)")
     models = {m.name: build_model(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
     inputs = {m.name: make_inputs(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
     sampler = MemorySampler(device)
@@ -320,8 +322,11 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False) -
     try:
         for k in range((3 if spec.cuda_graphs else 1) if warmup else 0):
             wl.run(calls)
-            if k == 0 and time_copies and device.type == "cuda":  # the sequence's own plan is made by now
-                wl.streamed._executor.mover.record_loads = True
+            if k == 0 and device.type == "cuda":  # the sequence's own plan is made by now
+                mover = wl.streamed._executor.mover
+                mover.record_loads = time_copies
+                if not merge_copies:
+                    mover.merge_copies(False)
         setup_s = time.perf_counter() - t0
         if device.type == "cpu":
             import gc

@@ -91,6 +91,7 @@ class CudaMover:
         self.wait_free = previous_holders(plan.loads, plan.alignment)
         awaited = set(self.wait_free)
         self.freed = [torch.cuda.Event() if j in awaited else None for j in range(n)]
+        self._store = store
         self.groups = self._copy_groups(store)
         self.timing = timing
         self.t_begin = timing_event()
@@ -108,16 +109,16 @@ class CudaMover:
         self.copy_tail = torch.cuda.Event()
         self.capturing = False  # the call in progress is being captured into a CUDA graph (graphs.py)
 
-    def _copy_groups(self, store: HostStore) -> dict[int, list[tuple]]:
+    def _copy_groups(self, store: HostStore, merge: bool = True) -> dict[int, list[tuple]]:
         """step -> [(dst, src, loads whose release to wait for, loads completed)]. Loads issued at one step
         that follow each other in both the arena and host memory, with only alignment padding between
         them (padding the plan reserves with the load), and in one pinned chunk of the store, move as one
-        copy."""
+        copy (unless `merge` is False: then every load is a copy of its own)."""
         raw: dict[int, list[list]] = {}  # step -> [[dst_off, src_off, size, loads]]
         for j, load in enumerate(self.plan.loads):
             host = store.offsets[load.weight]
             step_groups = raw.setdefault(load.start_step, [])
-            if step_groups:
+            if step_groups and merge:
                 g = step_groups[-1]
                 gap = load.offset_bytes - (g[0] + g[2])
                 same_chunk = store.chunk_of[load.weight] == store.chunk_of[self.plan.loads[g[3][0]].weight]
@@ -170,6 +171,12 @@ class CudaMover:
         self.copy_stream.wait_event(self.call_start)
         if self.capturing:
             self.copy_tail.record(self.copy_stream)
+
+    def merge_copies(self, on: bool) -> None:
+        """Merge loads that follow each other into one copy (the default), or (False) copy every load on its
+        own: what merging saves in per-copy overhead can then be measured on the same plan. Takes effect
+        from the next call (a CUDA graph captured before keeps its copies)."""
+        self.groups = self._copy_groups(self._store, merge=on)
 
     def issue(self, loads: tuple[int, ...]) -> None:
         step = self.plan.loads[loads[0]].start_step
@@ -306,7 +313,7 @@ class StagedCudaMover(CudaMover):
         self.io_error: BaseException | None = None
         self.stop = False
 
-    def _copy_groups(self, store) -> dict[int, list[tuple]]:
+    def _copy_groups(self, store, merge: bool = True) -> dict[int, list[tuple]]:
         return {}  # the issuer thread copies load by load
 
     # -- a call --------------------------------------------------------------------------------------
