@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--child-timeout", type=float, default=150, help="seconds per child process")
     p.add_argument("--fresh", action="store_true", help="rebuild the stored model even if it is there")
     p.add_argument("--split-bytes", default="64MiB", help="flashmem_split: flashmem.stream(split_bytes=...): linear "
-                   "layers above it stream in blocks, embedding tables above it are read by rows on the host")
+                   "layers above it stream in blocks, embedding tables above it are read by rows on the host; "
+                   "comma-separated sizes give a flashmem_split row each")
     args = p.parse_args(argv)
     if args.device is None:
         if args.small:
@@ -357,7 +358,8 @@ def main(argv=None) -> int:
             f.unlink()
     script = str(Path(__file__).resolve())
     common = ["--device", args.device, "--workdir", str(workdir), "--iters", str(args.iters),
-              "--warmup", str(args.warmup), "--split-bytes", args.split_bytes] + (["--small"] if args.small else [])
+              "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
+    splits = args.split_bytes.split(",")
     out = C.out_dir()
     result = {"script": "bench_cuda.py", "argv": sys.argv[1:], "workdir": str(workdir), "rows": []}
 
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
     def progress(msg):
         C.progress(t0, msg)
 
-    prep = C.run_child(script, ["--mode", "prepare"] + common, logs / "prepare.log", 300)[0]
+    prep = C.run_child(script, ["--mode", "prepare"] + common + ["--split-bytes", splits[0]], logs / "prepare.log", 300)[0]
     result["prepare"] = prep
     progress(f"model: {prep.get('error') or ('reused' if prep.get('reused') else 'written in %.1f s' % prep.get('prepare_s', 0))}"
              f" ({C.fmt_gb(prep.get('weight_bytes'))} GB)")
@@ -379,7 +381,7 @@ def main(argv=None) -> int:
         save()
         return 1
     total = prep["weight_bytes"]
-    link = C.run_child(script, ["--mode", "link"] + common, logs / "link.log", 120)[0]
+    link = C.run_child(script, ["--mode", "link"] + common + ["--split-bytes", splits[0]], logs / "link.log", 120)[0]
     result["link"] = link
     link_gbps = link.get("link_gbps")
     progress(f"link: {link_gbps and round(link_gbps, 2)} GB/s ({link.get('error', '') or link.get('gpu')})")
@@ -389,16 +391,20 @@ def main(argv=None) -> int:
     for tokens in args.tokens_list:
         for mode in args.mode_list:
             for budget in (budgets if mode in BUDGETED else [None]):
-                runs.append((mode, tokens, budget))
+                for split in (splits if mode == "flashmem_split" else [None]):
+                    runs.append((mode, tokens, budget, split))
     runs.sort(key=lambda r: (args.tokens_list.index(r[1]), r[0] != "resident"))  # resident first per token count
 
-    for mode, tokens, budget in runs:
-        tag = f"{mode}-t{tokens}" + (f"-b{budget}" if budget else "")
+    for mode, tokens, budget, split in runs:
+        tag = f"{mode}-t{tokens}" + (f"-b{budget}" if budget else "") + (f"-s{split}" if split else "")
         if remaining() < 20:
             row = {"mode": mode, "tokens": tokens, "budget_bytes": budget, "error": "skipped: --time-limit reached"}
         else:
-            argv = ["--mode", mode, "--tokens", str(tokens)] + (["--budget", str(budget)] if budget else []) + common
+            argv = (["--mode", mode, "--tokens", str(tokens)] + (["--budget", str(budget)] if budget else []) + common
+                    + ["--split-bytes", split or splits[0]])
             row = C.run_child(script, argv, logs / f"{tag}.log", min(args.child_timeout, remaining() + 30))[0]
+            if split:
+                row["split_bytes"] = split
             row.setdefault("mode", mode)
             row.setdefault("tokens", tokens)
             row.setdefault("budget_bytes", budget)
@@ -448,7 +454,8 @@ def main(argv=None) -> int:
         b = r.get("budget_bytes")
         ok = "median_ms" in r
         table.append([
-            r["mode"], r["tokens"], f"{b / 2**30:.2f}" if b else None,
+            r["mode"] + (f" {r['split_bytes']}" if r.get("split_bytes") else ""), r["tokens"],
+            f"{b / 2**30:.2f}" if b else None,
             f"{r['median_ms']:.2f}" if ok else None,
             f"{r['min_ms']:.2f}-{r['max_ms']:.2f}" if ok else None,
             f"{r['first_ms']:.1f}" if ok else None,
