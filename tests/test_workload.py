@@ -218,24 +218,30 @@ def test_split_bytes_applies_to_every_model():
 
 def test_plan_summary_splits_the_arena_and_sorts_copies_by_size():
     """`queue.plan_summary`: the arena is residents plus ring, and on CUDA each copy (a group of loads that
-    move together) falls in exactly one size class, its bytes counted there (the mover is faked: its groups
-    are what the CUDA mover makes, (destination view, source view, waits, loads))."""
+    move together) falls in exactly one size class, its bytes counted there (the mover's groups are set by
+    hand, as the CUDA mover makes them: (destination view, source view, waits, loads))."""
     from types import SimpleNamespace
 
     from flashmem.queue import plan_summary
+    from flashmem.run_cuda import CudaMover, StagedCudaMover
 
     KiB, MiB = 2**10, 2**20
     plan = SimpleNamespace(arena_bytes=100 * MiB, resident_bytes=60 * MiB, activation_bytes=8 * MiB,
                            fixed_bytes=MiB, residents=(1, 2, 3), loads=tuple(range(7)))
     sizes = [4 * KiB, 64 * KiB, 900 * KiB, MiB, 5 * MiB, 16 * MiB, 16 * MiB + 1]  # one group per load here
-    groups = {step: [(torch.empty(n, dtype=torch.uint8, device="meta"), None, (), (step,))]
-              for step, n in enumerate(sizes)}
-    wl = SimpleNamespace(plan=plan, streamed=SimpleNamespace(_executor=SimpleNamespace(
-        mover=SimpleNamespace(groups=groups))))
+    mover = CudaMover.__new__(CudaMover)  # no GPU needed: copy_sizes reads the groups
+    mover.groups = {step: [(torch.empty(n, dtype=torch.uint8, device="meta"), None, (), (step,))]
+                    for step, n in reversed(list(enumerate(sizes)))}
+    assert mover.copy_sizes() == sizes  # in issue order
+    wl = SimpleNamespace(plan=plan, streamed=SimpleNamespace(_executor=SimpleNamespace(mover=mover)))
     s = plan_summary(wl)
     assert (s["ring_bytes"], s["residents"], s["loads"], s["copies"]) == (40 * MiB, 3, 7, 7)
     assert list(s["copy_sizes"].values()) == [(1, 4 * KiB), (2, 64 * KiB + 900 * KiB), (1, MiB), (1, 5 * MiB),
                                               (2, 32 * MiB + 1)]
     assert list(s["copy_sizes"]) == ["<64.00 KiB", "<1.00 MiB", "<4.00 MiB", "<16.00 MiB", ">=16.00 MiB"]
-    del wl.streamed._executor.mover  # the CPU's movers make no copy groups
+    staged = StagedCudaMover.__new__(StagedCudaMover)  # with a host budget: load by load
+    staged.plan = SimpleNamespace(loads=tuple(SimpleNamespace(nbytes=n) for n in (3, 5)))
+    wl.streamed._executor.mover = staged
+    assert plan_summary(wl)["copies"] == 2
+    del wl.streamed._executor.mover  # the CPU's movers read or map load by load: no copies to count
     assert "copies" not in plan_summary(wl)

@@ -270,9 +270,9 @@ def plan_summary(wl) -> dict:
     out = {"arena_bytes": plan.arena_bytes, "resident_bytes": plan.resident_bytes,
            "ring_bytes": plan.arena_bytes - plan.resident_bytes, "activation_bytes": plan.activation_bytes,
            "fixed_bytes": plan.fixed_bytes, "residents": len(plan.residents), "loads": len(plan.loads)}
-    groups = getattr(getattr(wl.streamed._executor, "mover", None), "groups", None)
-    if groups is not None:
-        sizes = [dst.numel() for gs in groups.values() for dst, *_ in gs]
+    mover = getattr(wl.streamed._executor, "mover", None)
+    if hasattr(mover, "copy_sizes"):  # the CUDA movers (the CPU's read or map load by load)
+        sizes = mover.copy_sizes()
         out["copies"] = len(sizes)
         # (copies, bytes) per size class: where per-copy overhead would weigh (the link's rate by piece size
         # is benchmarks/link_rate.py's)

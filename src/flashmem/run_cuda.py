@@ -172,6 +172,10 @@ class CudaMover:
         if self.capturing:
             self.copy_tail.record(self.copy_stream)
 
+    def copy_sizes(self) -> list[int]:
+        """The bytes of each copy a call makes, in issue order (loads merged where they follow each other)."""
+        return [dst.numel() for step in sorted(self.groups) for dst, *_ in self.groups[step]]
+
     def merge_copies(self, on: bool) -> None:
         """Merge loads that follow each other into one copy (the default), or (False) copy every load on its
         own: what merging saves in per-copy overhead can then be measured on the same plan. Takes effect
@@ -315,6 +319,9 @@ class StagedCudaMover(CudaMover):
 
     def _copy_groups(self, store, merge: bool = True) -> dict[int, list[tuple]]:
         return {}  # the issuer thread copies load by load
+
+    def copy_sizes(self) -> list[int]:
+        return [load.nbytes for load in self.plan.loads]
 
     # -- a call --------------------------------------------------------------------------------------
     def begin_call(self) -> None:
