@@ -20,6 +20,7 @@ integers below `high`), or a plain `value`. `order` is "random" (each round a ra
 """
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import threading
@@ -276,12 +277,13 @@ def plan_summary(wl) -> dict:
         out["copies"] = len(sizes)
         # (copies, bytes) per size class: where per-copy overhead would weigh (the link's rate by piece size
         # is benchmarks/link_rate.py's)
-        edges = [(f"<{fmt_bytes(e)}", e) for e in COPY_SIZE_EDGES] + [(f">={fmt_bytes(COPY_SIZE_EDGES[-1])}", None)]
-        out["copy_sizes"] = {}
-        for label, edge in edges:
-            picked = [n for n in sizes if edge is None or n < edge]
-            sizes = [n for n in sizes if not (edge is None or n < edge)]
-            out["copy_sizes"][label] = (len(picked), sum(picked))
+        labels = [f"<{fmt_bytes(e)}" for e in COPY_SIZE_EDGES] + [f">={fmt_bytes(COPY_SIZE_EDGES[-1])}"]
+        counts, nbytes = [0] * len(labels), [0] * len(labels)
+        for n in sizes:
+            k = bisect.bisect_right(COPY_SIZE_EDGES, n)  # the first class whose edge lies above n
+            counts[k] += 1
+            nbytes[k] += n
+        out["copy_sizes"] = {label: (c, b) for label, c, b in zip(labels, counts, nbytes)}
     return out
 
 
