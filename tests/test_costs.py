@@ -14,7 +14,8 @@ import torch
 
 from flashmem.check import find_problems
 from flashmem.costs import (LINK_FACTOR_FLOOR, BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit,
-                            link_busy_factor, measure_link, measure_wait, profile, simulate, slowdowns_by_class)
+                            copy_rate_factor, link_busy_factor, measure_link, measure_wait, profile, simulate,
+                            slowdowns_by_class)
 from flashmem.errors import FlashmemError
 from flashmem.plan import Load, Plan, Resident, simple_plan
 
@@ -128,6 +129,22 @@ def test_link_busy_factor_counts_the_waits_at_the_idle_rate():
     assert link_busy_factor(100.0, 500.0, 0.0, 5.0, 0.0) == 1.0
     assert link_busy_factor(0.0, 0.0, 0.0, 5.0, 1.0) == 1.0
 
+
+
+def test_copy_rate_factor_is_the_fit_over_the_busy_lane():
+    link = LinkCost("synthetic", 100.0, 0.5)  # a 100 B copy takes 1.5 s on the idle link
+    # Two copies of 4 s each with a gap between: the lane was busy 8 s for what the idle link moves in 3 s.
+    assert copy_rate_factor([(0.0, 4.0, 100), (5.0, 9.0, 100)], link) == pytest.approx(3.0 / 8.0)
+    # Overlapping copies count their union once: busy [0, 4], 3 s of idle-link time: 0.75.
+    assert copy_rate_factor([(0.0, 3.0, 100), (1.0, 4.0, 100)], link) == pytest.approx(0.75)
+    # Order does not matter; a copy inside another adds its bytes but no busy time.
+    assert copy_rate_factor([(1.0, 2.0, 100), (0.0, 6.0, 200)], link) == pytest.approx((1.5 + 2.5) / 6.0)
+    # Clamped: faster than the fit (noise) is 1.0, a lane that all but stopped is the floor.
+    assert copy_rate_factor([(0.0, 1.0, 100)], link) == 1.0
+    assert copy_rate_factor([(0.0, 1000.0, 100)], link) == LINK_FACTOR_FLOOR
+    # No copies (everything resident), or no measured time: no slowdown.
+    assert copy_rate_factor([], link) == 1.0
+    assert copy_rate_factor([(2.0, 2.0, 100)], link) == 1.0
 
 # -- simulate ------------------------------------------------------------------------------------------------------
 # Program A: four ops, op i uses Wi (100 B, 128 B in the arena).

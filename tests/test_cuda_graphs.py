@@ -237,7 +237,7 @@ def test_cuda_graphs_uncapturable_calls_run_eagerly_and_exactly(kind, unwrap, wh
 @cuda
 def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
     pytest.importorskip("ortools")
-    from flashmem.costs import profile
+    from flashmem.costs import copy_rate_factor, profile
 
     sm = stream_graphed(refs)
     try:
@@ -245,6 +245,10 @@ def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
         costs = profile(sm, (refs["xs"][0],), kwargs)
         assert len(costs.steps) == len(sm.program.ops) and all(s.compute_s > 0 for s in costs.steps)
         assert sm._graphs.replays > 0  # the profile's calls were replays of a profiling graph
+        # The link's rate beside compute comes from the timed copies of one streamed call (its last).
+        copies = sm._executor.mover.copy_intervals()
+        assert copies and sum(n for _, _, n in copies) == sm.plan.streamed_bytes
+        assert costs.link_busy_factor == copy_rate_factor(copies, costs.link)
         plan = sm.use_solver((refs["xs"][0],), kwargs, cache_dir=tmp_path)
         assert plan.status in ("optimal", "feasible", "fallback")
         replays = sm._graphs.replays

@@ -7,9 +7,10 @@
   engines barely disturb a discrete GPU, an IO thread on a 2-core CPU does.
 - `CostModel`: both, for one model, input signature and device, on CUDA the time a step loses when its
   op waits for the copy stream (`wait_s`), and the other direction of the interference: the link's rate
-  while ops compute beside it over its idle rate (`link_busy_factor`, measured per model: an SD-1.5 UNet's
-  compute slowed an H200's host-to-device copies from 55 to about 50.5 GB/s, a ViT-L's did not); JSON for
-  the plan cache.
+  while ops compute beside it over its idle rate (`link_busy_factor`, measured per model and plan: on CUDA
+  from the copies of one streamed call, each timed by events, against the link's fit; an H200's copies
+  moved 0.89-0.96 of their idle rate beside an SD-1.5 UNet's compute and 0.91-1.0 beside a ViT-L's); JSON
+  for the plan cache.
 """
 from __future__ import annotations
 
@@ -241,7 +242,9 @@ class BackgroundTransfer:
 
     Each copy is kept as (start, end, bytes) on the host's clock (CUDA: the copy's issue to its stream's
     synchronize), so `bytes_between` says what the link moved in a window: the link's own rate, idle or beside
-    compute, measured by the same copies."""
+    compute, measured by the same copies. On the CPU that rate is the link's beside compute
+    (`link_busy_factor`); on CUDA it is not (see `streamed_link_factor`), and the copies serve the ops'
+    slowdown alone."""
 
     def __init__(self, device: torch.device, nbytes: int = 32 * 2**20, mapped: bool = False):
         self.device = device
@@ -357,10 +360,45 @@ def link_busy_factor(idle_bytes_per_s: float, background_bytes: float, load_byte
     return min(1.0, max(LINK_FACTOR_FLOOR, busy_rate / idle_bytes_per_s))
 
 
+def copy_rate_factor(copies: list[tuple[float, float, int]], link: LinkCost) -> float:
+    """The link's rate in a streamed call over its idle rate: the time `link` takes for the call's copies
+    ((start s, end s, bytes) each, from timing events) over the time the copy lane was busy with them (the
+    union of their intervals, so copies that overlap count once). Clamped to [LINK_FACTOR_FLOOR, 1]; 1.0
+    without copies. Copies that ran while an op waited moved at the idle rate and pull it toward 1, so it
+    is at least the rate beside compute alone: a bound made with it stays a bound."""
+    if not copies:
+        return 1.0
+    busy, reach = 0.0, None
+    for start, end, _ in sorted(copies):
+        if reach is None or start > reach[1]:
+            busy += reach[1] - reach[0] if reach else 0.0
+            reach = [start, end]
+        else:
+            reach[1] = max(reach[1], end)
+    busy += reach[1] - reach[0]
+    if busy <= 0:
+        return 1.0
+    idle_s = sum(link.seconds(n) for _, _, n in copies)
+    return min(1.0, max(LINK_FACTOR_FLOOR, idle_s / busy))
+
+
+def streamed_link_factor(sm, args: tuple, kwargs: dict, link: LinkCost) -> float:
+    """CUDA: `copy_rate_factor` of one call of `sm` as it normally runs, every copy timed (`measure_timeline`).
+    The host thread `BackgroundTransfer` copies from measures no rate here: it waits for the GIL while the
+    calling thread launches a call's kernels, so the link idled for the host's reasons (an H200's rate
+    beside ViT-L's compute measured 0.59-0.88 of idle that way, where the call's own copies ran at 0.91-1.0)."""
+    if not sm._executor.plan.loads:
+        return 1.0
+    measure_timeline(sm, args, kwargs)
+    return copy_rate_factor(sm._executor.mover.copy_intervals(), link)
+
+
 def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     """Measure `sm`'s per-step compute for this input, alone and beside a transfer, the link, and the link's
-    rate beside the compute (`link_busy_factor`). Loads move between ops during profiling (never beside
-    compute), so step times are compute only."""
+    rate beside the compute (`link_busy_factor`: on CUDA from one call's own copies, `streamed_link_factor`;
+    on the CPU from the busy pass's background reads, whose IO thread competes with compute as the CPU
+    mover's does). Loads move between ops during profiling (never beside compute), so step times are
+    compute only."""
     _refuse_host_budget(sm)
     sm(*args, **kwargs)  # plans for this input signature if needed
     executor = sm._executor
@@ -386,8 +424,12 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
             moved = sum(bg.bytes_between(a, b) for a, b, _ in spans)
     finally:
         executor.profiling, executor.mover.serial = False, False
-    factor = link_busy_factor(idle, moved, calls * executor.plan.streamed_bytes, sum(b - a for a, b, _ in spans),
-                              sum(c for _, _, c in spans))
+    link = measure_link(sm.device, mapped=mapped)
+    if sm.device.type == "cuda":
+        factor = streamed_link_factor(sm, args, kwargs, link)
+    else:
+        factor = link_busy_factor(idle, moved, calls * executor.plan.streamed_bytes,
+                                  sum(b - a for a, b, _ in spans), sum(c for _, _, c in spans))
     program = sm.program
     # Every profiled step carries the profile's own timing events and copy-stream wait; a call's step only
     # where its op waits for a load. They come off each step here, and `simulate` adds them back there.
@@ -398,7 +440,7 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
     slow = slowdowns_by_class(classes, quiet, busy)
     steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
-    return CostModel(str(sm.device), program.signature, measure_link(sm.device, mapped=mapped), steps, wait, factor)
+    return CostModel(str(sm.device), program.signature, link, steps, wait, factor)
 
 
 def measure_timeline(sm, args: tuple, kwargs: dict) -> "Timeline":
