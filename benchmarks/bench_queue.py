@@ -28,7 +28,8 @@ peak also from max_memory_reserved; CPU: RSS), against the budget; bytes copied 
 a sha256 of each model's first output (first tensor leaf: .logits, .sample, .predicted_depth,
 .last_hidden_state), `equal` when every digest matches the resident mode's. The flashmem child also measures
 the link (256 MiB pinned host-to-device copy, median of 5; on the CPU a RAM copy) for its floor:
-max(resident total, streamed bytes / link). Rows go to $OUT/bench_queue.json, memory samples to
+max(resident total, streamed bytes / link), or the link's alone where no resident row ran (a lower floor,
+so the ratio is not flattered; `floor_kind` says which). Rows go to $OUT/bench_queue.json, memory samples to
 $OUT/bench_queue_memory.json, the plot to $OUT/bench_queue.png (when $OUT is set); the table prints last.
 
 --time-copies (CUDA, flashmem modes): every copy of the timed run is bracketed by events (inside the graph
@@ -433,9 +434,11 @@ def main(argv=None) -> int:
         # a graphed sequence's compute floor is the graphed resident models' (where that row ran)
         ref = by_mode.get("resident_graphs", res) if mode == "flashmem_graphs" else res
         ref = ref if "total_s" in ref else res
-        if "total_s" in fm and "total_s" in ref and fm.get("link_Bps"):
+        if "total_s" in fm and fm.get("link_Bps"):
             fm["link_s"] = fm["streamed_bytes"] / fm["link_Bps"]
-            fm["floor_s"] = max(ref["total_s"], fm["link_s"])
+            with_compute = "total_s" in ref
+            fm["floor_s"] = max(ref["total_s"], fm["link_s"]) if with_compute else fm["link_s"]
+            fm["floor_kind"] = "max(resident, link)" if with_compute else "link"
             fm["x_floor"] = fm["total_s"] / fm["floor_s"]
 
     samples = {r["mode"]: r.pop("samples") for r in rows if "samples" in r}
@@ -501,7 +504,8 @@ def main(argv=None) -> int:
             return None if r.get(key) is None else fmt.format(r[key] / scale)
 
         x_res = r["total_s"] / res["total_s"] if "total_s" in r and "total_s" in res else None
-        table.append([r["mode"], num("total_s"), x_res and f"{x_res:.2f}", num("floor_s"), num("x_floor", "{:.2f}"),
+        floor = num("floor_s") and num("floor_s") + (" (link)" if r.get("floor_kind") == "link" else "")
+        table.append([r["mode"], num("total_s"), x_res and f"{x_res:.2f}", floor, num("x_floor", "{:.2f}"),
                       num("peak_bytes", scale=1e9), num("average_bytes", scale=1e9), C.fmt_gb(spec.budget_bytes),
                       r.get("within_budget"), num("streamed_bytes", scale=1e9), r.get("equal"),
                       (r.get("error") or "")[:80].replace("|", "/") or None])
