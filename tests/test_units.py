@@ -300,6 +300,41 @@ def test_host_budget_is_refused_on_the_cpu_and_must_hold_the_largest_weight():
     _host_budget_check(mw, align_up(largest, 4096))  # enough
 
 
+def test_host_store_pads_large_weights_to_pages_only_for_files():
+    """A store of a model's own tensors aligns every weight to HOST_ALIGNMENT, as the arena does, so a bias
+    and the next layer's matrix lie at the same distance in both and `CudaMover._copy_groups` moves a
+    layer's loads of one step as one copy; weights read from files with O_DIRECT keep their large ones
+    congruent to their file offsets modulo a page."""
+    from types import SimpleNamespace
+
+    from flashmem.files import DIRECT_ALIGN
+    from flashmem.plan import Load
+    from flashmem.run_cuda import CudaMover
+    from flashmem.store import HOST_ALIGNMENT, PAGE_CONGRUENT_BYTES, HostStore
+
+    big = PAGE_CONGRUENT_BYTES
+    sizes = [big, 2048, big, 2048]  # weight, bias, weight, bias: each bias ends off a page
+    own = HostStore(sizes, pin_now=False)
+    assert own.offsets == [0, big, big + 2048, 2 * big + 2048]  # 2048 is a multiple of HOST_ALIGNMENT
+    shifted = HostStore(sizes, pin_now=False, file_offsets=[0, 0, 100, 0])
+    assert shifted.offsets[2] % DIRECT_ALIGN == 100 and shifted.offsets[2] > big + 2048
+    from_files = HostStore(sizes, pin_now=False, file_offsets=[0] * 4)
+    assert from_files.offsets == [0, big, align_up(big + 2048, DIRECT_ALIGN), align_up(big + 2048, DIRECT_ALIGN) + big]
+    assert all(off % HOST_ALIGNMENT == 0 for off in own.offsets)
+
+    loads, arena_off = [], 0
+    for w, n in enumerate(sizes):  # all issued at step 0, one after another in the arena (512-aligned)
+        loads.append(Load(weight=w, start_step=0, first_use=1, last_use=1, release_op=1, offset_bytes=arena_off,
+                          nbytes=n))
+        arena_off += align_up(n, 512)
+    mover = CudaMover.__new__(CudaMover)
+    mover.plan = SimpleNamespace(loads=tuple(loads), alignment=512)
+    mover.arena = torch.zeros(arena_off, dtype=torch.uint8)
+    mover.wait_free = [None] * len(loads)
+    assert [done for *_, done in mover._copy_groups(own)[0]] == [(0, 1, 2, 3)]  # one copy
+    assert [done for *_, done in mover._copy_groups(from_files)[0]] == [(0, 1), (2, 3)]  # the page gap splits
+
+
 def test_cuda_copy_groups_merge_adjacent_loads_of_a_step_and_not_when_asked():
     """`CudaMover._copy_groups` (no GPU needed: views of host tensors stand in for the arena): loads issued at
     one step that follow each other in the arena and in host memory (alignment padding between them
