@@ -230,6 +230,27 @@ def test_budget_too_small_before_any_work(kind):
     assert torch.equal(resident(model, x), ref)
 
 
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "cnn"])
+def test_the_smallest_budget_runs_exactly(kind):
+    """`minimum_budget_bytes` of a streamed model is a budget the model then streams in, exactly, with the
+    arena within it; the largest op's need (BudgetTooSmall at 1 KiB) is no more than it."""
+    x = make_input(kind)
+    ref = resident(make_model(kind), x)
+    sm = flashmem.stream(make_model(kind), int(model_bytes(make_model(kind)) * 0.6) + 2**20, example_inputs=(x,))
+    least = sm.minimum_budget_bytes
+    sm.close()
+    with pytest.raises(flashmem.BudgetTooSmall) as info:
+        flashmem.stream(make_model(kind), "1KiB", example_inputs=(x,))
+    assert info.value.need_bytes <= least < model_bytes(make_model(kind))
+    sm = flashmem.stream(make_model(kind), least, example_inputs=(x,))
+    try:
+        assert sm.plan.loads and sm.plan.arena_bytes <= least  # streams, within the budget
+        assert sm.minimum_budget_bytes == least
+        assert torch.equal(out_of(sm(x)), ref)
+    finally:
+        sm.close()
+
 def test_budget_too_small_from_a_folder_reads_no_weights(llama_folder, monkeypatch):
     from flashmem import store
 

@@ -31,6 +31,11 @@ def test_plan_writes_json(llama_folder, tmp_path, capsys):
         assert load["offset_bytes"] + load["nbytes"] <= doc["arena_bytes"]
     printed = capsys.readouterr().out
     assert "wrote" in printed and str(out) in printed
+    # the smallest budget this input plans in, and a plan at it
+    least = int(re.search(r"smallest budget for this input: .+ \((\d+) bytes\)", printed).group(1))
+    smallest = tmp_path / "smallest.json"
+    assert main(["plan", str(llama_folder), "--budget", str(least), "--out", str(smallest)]) == 0
+    assert json.loads(smallest.read_text())["budget_bytes"] == least < 200 * 1024
 
 
 def test_plan_prints_json_without_out(llama_folder, capsys):

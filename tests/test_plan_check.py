@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flashmem.check import check_plan, find_problems
 from flashmem.errors import BudgetTooSmall, PlanInvalid
-from flashmem.plan import Load, Plan, Resident, simple_plan, use_runs
+from flashmem.plan import Load, Plan, Resident, minimum_budget, simple_plan, use_runs
 from flashmem.trace import Program
 
 from conftest import program
@@ -497,6 +497,32 @@ def test_the_minimum_the_error_asks_for_is_enough(prog):
         raise AssertionError(f"no plan after raising the budget to {budget}")
     assert_valid(plan, prog)
 
+
+
+def test_a_minimum_budget():
+    # Program A streams through one 128 B slot (test_a_one_slot): 128 B; with 100 B of activations and 28 B
+    # of buffers on top, 256 B; in whole 96 B units the slot rounds up to 192 B.
+    assert minimum_budget(A, activation_bytes=0, alignment=ALIGN) == 128
+    prog = program([100] * 4, [(f"m{i}", (i,), i) for i in range(4)], activation_bytes=100, fixed_bytes=28)
+    assert minimum_budget(prog, activation_bytes=100, alignment=ALIGN) == 256
+    assert minimum_budget(A, activation_bytes=0, alignment=ALIGN, granularity=96) == 192
+    plan_for(prog, 256)
+    with pytest.raises(BudgetTooSmall):
+        plan_for(prog, 255)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prog=st.one_of(programs(), programs(own_weights=True)), granularity=st.sampled_from([1, 64, 128]))
+def test_the_minimum_budget_always_plans(prog, granularity):
+    """At `minimum_budget` simple_plan finds a plan (valid, within it), and it is at least what BudgetTooSmall
+    asks for at a budget of 1 byte (the op that needs the most weights at once)."""
+    least = minimum_budget(prog, activation_bytes=prog.activation_bytes, alignment=ALIGN, granularity=granularity)
+    plan = plan_for(prog, least, granularity=granularity)
+    assert_valid(plan, prog)
+    assert plan.total_bytes <= least
+    with pytest.raises(BudgetTooSmall) as info:
+        plan_for(prog, 1, granularity=granularity)
+    assert info.value.need_bytes <= least
 
 # -- JSON -----------------------------------------------------------------------------------------------------
 PLAN_FIELDS = {"device", "signature", "budget_bytes", "arena_bytes", "resident_bytes", "activation_bytes",

@@ -54,8 +54,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _smallest(sm) -> str:
+    """The smallest budget `sm`'s input plans in, in bytes too (a rounded figure could fall below it)."""
+    from .units import fmt_bytes
+
+    least = sm.minimum_budget_bytes
+    return f"smallest budget for this input: {fmt_bytes(least)} ({least} bytes)"
+
+
 def cmd_plan(args) -> int:
-    """Make (or reuse from the cache) a plan; print it, or write it as JSON or as a picture (.png)."""
+    """Make (or reuse from the cache) a plan; print it, or write it as JSON or as a picture (.png) with a
+    summary and the smallest budget the input plans in."""
     from . import from_pretrained
 
     _, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
@@ -73,11 +82,12 @@ def cmd_plan(args) -> int:
             measured = measure_timeline(sm, (ids,), {})
         plot_plan(sm.plan, sm.program, simulate(sm.plan, costs), args.out, measured=measured)
         bound = f" (no plan in this arena below {sm.plan.bound_s * 1e3:.2f} ms)" if sm.plan.bound_s else ""
-        print(f"{sm.plan.summary(sm.program)}\npredicted {simulate(sm.plan, costs).total_s * 1e3:.2f} ms{bound}, "
+        print(f"{sm.plan.summary(sm.program)}\n{_smallest(sm)}\n"
+              f"predicted {simulate(sm.plan, costs).total_s * 1e3:.2f} ms{bound}, "
               f"measured {measured.total_s * 1e3:.2f} ms; wrote {args.out}")
     elif args.out:
         Path(args.out).write_text(sm.plan.to_json(sm.program))
-        print(f"{sm.plan.summary(sm.program)}\nwrote {args.out}")
+        print(f"{sm.plan.summary(sm.program)}\n{_smallest(sm)}\nwrote {args.out}")
     else:
         print(sm.plan.to_json(sm.program))
     return 0

@@ -264,18 +264,29 @@ def _circular_fit(ring: _Ring, cursor: int, size: int, free_at: int) -> int | No
 
 
 def _smallest_ring(program: Program, runs: list[UseRun], low: int, alignment: int) -> int:
-    """The smallest ring (to the alignment) through which every run can stream, by bisection."""
-    high = max(low, sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs))
-    low = align_up(low, alignment)
-    while low < high:
-        mid = align_up((low + high) // 2, alignment)
-        if mid >= high:
-            break
-        if place_ring(program, runs, 0, mid, alignment) is not None:
-            high = mid
+    """The smallest ring (to the alignment) through which every run can stream, by bisection in units of
+    the alignment (a ring as large as every run together always places)."""
+    lo = align_up(low, alignment) // alignment
+    hi = max(lo, align_up(sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs), alignment)
+             // alignment)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if place_ring(program, runs, 0, mid * alignment, alignment) is not None:
+            hi = mid
         else:
-            low = mid + alignment
-    return high
+            lo = mid + 1
+    return hi * alignment
+
+
+def minimum_budget(program: Program, *, activation_bytes: int, alignment: int, granularity: int = 1) -> int:
+    """The smallest budget `simple_plan` plans `program` in: the smallest ring every use run can stream
+    through with nothing resident, in whole units of `granularity`, plus the activation reserve and the
+    fixed bytes. Placement is not monotone in the ring's size, so a ring the bisection skipped might place
+    too; this is the one `simple_plan` falls back to, so a plan at this budget always exists."""
+    runs = use_runs(program)
+    need, _ = minimum_ring(program, runs, alignment)
+    ring = _smallest_ring(program, runs, need, alignment)
+    return align_up(ring, granularity) + activation_bytes + program.fixed_bytes
 
 
 def arena_limit(budget_bytes: int, activation_bytes: int, fixed_bytes: int, granularity: int = 1) -> int:

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 from .check import check_plan
 from .errors import ControlFlowWarning, FlashmemError
 from .graphs import EAGER, PROBE, graph_reserve_bytes, input_bytes, tensor_bytes
-from .plan import Plan, simple_plan, with_staging
+from .plan import Plan, minimum_budget, simple_plan, with_staging
 from .run import CallStats, DebugOptions, Executor, arena_views, build_steps
 from .run_cpu import CpuMover, MapMover
 from .run_cuda import CudaMover, StagedCudaMover
@@ -635,6 +635,14 @@ class StreamedModel:
     @property
     def program(self) -> Program:
         return self._current[0]
+
+    @property
+    def minimum_budget_bytes(self) -> int:
+        """The smallest budget the current input signature plans in (`flashmem.plan.minimum_budget`), with
+        the plan's activation reserve (on CUDA measured by this signature's trace) and fixed bytes."""
+        cuda = self.device.type == "cuda"
+        return minimum_budget(self.program, activation_bytes=self.plan.activation_bytes,
+                              alignment=self._alignment, granularity=CUDA_GRANULARITY if cuda else self._alignment)
 
     @property
     def stats(self) -> CallStats | None:
