@@ -94,7 +94,7 @@ def test_b_a_larger_budget_lets_every_load_start_a_layer_ahead():
     assert_valid(plan, B)
 
 
-def test_b_the_whole_arena_may_be_smaller_than_the_bisected_ring():
+def test_b_the_smallest_ring_places_the_loads_later_than_asked():
     plan = nl_plan(B, 100 + 128, activation_bytes=100)
     assert plan.arena_bytes == 128
     assert_valid(plan, B)
@@ -109,14 +109,14 @@ def test_b_granularity_rounds_the_arena_up():
 def test_b_budget_too_small_names_the_numbers():
     with pytest.raises(BudgetTooSmall) as info:
         nl_plan(B, 100 + 127, activation_bytes=100)
-    # 127 B of arena cannot hold op 1's 128 B; the ring named is the smallest the bisection finds (192 B).
-    # (A 128 B ring also places B's loads, later than asked: with 100 + 128 B the plan is made; placement is
-    # not monotone in the ring's size.)
+    # 127 B of arena cannot hold op 1's 128 B; the ring named is the smallest the bisection finds, 128 B,
+    # which places B's loads (later than asked): with 100 + 128 B the plan is made (the test above).
     err = info.value
-    assert err.budget_bytes == 227 and err.need_bytes == 292  # the 192 B ring + 100 B of activations
+    assert err.budget_bytes == 227 and err.need_bytes == 228  # the 128 B ring + 100 B of activations
     text = str(err)
-    assert "ring of 192 B" in text and "128 B in place at once" in text and "leaves 127 B" in text
-    assert "raise the budget to at least 292 B" in text
+    assert "ring of 128 B" in text and "128 B in place at once" in text and "leaves 127 B" in text
+    assert "raise the budget to at least 228 B" in text
+    nl_plan(B, err.need_bytes, activation_bytes=100)  # what it asks for is enough
 
 
 # -- random programs -----------------------------------------------------------------------------------
