@@ -267,8 +267,7 @@ def _smallest_ring(program: Program, runs: list[UseRun], low: int, alignment: in
     """The smallest ring (to the alignment) through which every run can stream, by bisection in units of
     the alignment (a ring as large as every run together always places)."""
     lo = align_up(low, alignment) // alignment
-    hi = max(lo, align_up(sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs), alignment)
-             // alignment)
+    hi = max(lo, sum(align_up(program.weights[r.weight].nbytes, alignment) for r in runs) // alignment)
     while lo < hi:
         mid = (lo + hi) // 2
         if place_ring(program, runs, 0, mid * alignment, alignment) is not None:

@@ -81,6 +81,8 @@ class StreamedModel:
         self._fixed_bytes = fixed_bytes
         self._host_budget_bytes: int | None = None  # CUDA: weights streamed from storage through a ring
         self._alignment = CUDA_ALIGNMENT if device.type == "cuda" else CPU_ALIGNMENT
+        # the unit an arena is sized in: on CUDA the caching allocator's block
+        self._granularity = CUDA_GRANULARITY if device.type == "cuda" else self._alignment
         self._placeholders = {w.index: placeholder(w) for w in mw.weights}
         self._plans: OrderedDict[str, tuple[Program, Plan]] = OrderedDict()
         self._arena: torch.Tensor | None = None
@@ -225,7 +227,7 @@ class StreamedModel:
         plan = simple_plan(program, budget_bytes=self.budget_bytes, device=str(self.device),
                            alignment=self._alignment,
                            activation_bytes=activation_reserve(program.activation_bytes + extra) if cuda else 0,
-                           granularity=CUDA_GRANULARITY if cuda else self._alignment)
+                           granularity=self._granularity)
         if self._host_budget_bytes is not None:  # the storage link: loads pass through the host's ring
             plan = with_staging(plan, self._host_budget_bytes, HOST_ALIGNMENT)
         check_plan(plan, program)
@@ -535,7 +537,7 @@ class StreamedModel:
             costs = costs if costs is not None else profile(self, args, kwargs)
             plan = solve_plan(program, costs, budget_bytes=self.budget_bytes, device=simple.device,
                               alignment=simple.alignment, activation_bytes=simple.activation_bytes,
-                              granularity=CUDA_GRANULARITY if self.device.type == "cuda" else self._alignment,
+                              granularity=self._granularity,
                               settings=settings or SolverSettings())
             self.costs = costs
             if cache:
@@ -640,9 +642,8 @@ class StreamedModel:
     def minimum_budget_bytes(self) -> int:
         """The smallest budget the current input signature plans in (`flashmem.plan.minimum_budget`), with
         the plan's activation reserve (on CUDA measured by this signature's trace) and fixed bytes."""
-        cuda = self.device.type == "cuda"
-        return minimum_budget(self.program, activation_bytes=self.plan.activation_bytes,
-                              alignment=self._alignment, granularity=CUDA_GRANULARITY if cuda else self._alignment)
+        return minimum_budget(self.program, activation_bytes=self.plan.activation_bytes, alignment=self._alignment,
+                              granularity=self._granularity)
 
     @property
     def stats(self) -> CallStats | None:
