@@ -37,6 +37,10 @@ too), and the row's `link_activity` says how many copies moved how many bytes, h
 and at what rate, and where it idled (per model, and the largest gaps): where a sequence falls short of the
 link floor. The events add a little to the total, so time the total without it.
 
+The flashmem child also times the sequence's own copies alone on the link (`CudaMover.copies_alone_s`: every
+copy in order, no compute, no waits): the floor for exactly the copies the plan makes, per-copy overhead
+included, against which the total shows what running beside compute and waiting for releases costs.
+
 --no-merge (CUDA, flashmem modes): from the second run on, every load is a copy of its own (loads that follow
 each other in the arena and in host memory are otherwise merged into one copy); the same plan's total and
 copies against a run without it show what merging saves.
@@ -209,6 +213,7 @@ def child_flashmem(spec, dev, time_copies: bool = False, merge_copies: bool = Tr
     if run.copies:
         row["link_activity"] = link_activity(run.copies, run.boundaries_s, names)
     row["allocator_counts"] = run.allocator_counts
+    row["copies_alone_s"] = run.copies_alone_s
     row["plan"] = run.plan_summary
     row.update(output_checks(names, [r.output for r in run.results]))
     del run
@@ -482,6 +487,12 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("allocator_counts"):
             print(f"{r['mode']} caching allocator over the timed run: {r['allocator_counts']}")
+    for r in rows:
+        if r.get("copies_alone_s"):
+            a = r["copies_alone_s"]
+            print(f"{r['mode']}: the sequence's {r['plan'].get('copies')} copies alone on the link (in order, no "
+                  f"compute, no waits) take {a:.3f} s, {r['streamed_bytes'] / a / 1e9:.1f} GB/s; the sequence "
+                  f"takes {r['total_s'] / a:.2f}x that")
     for r in rows:
         act = r.get("link_activity")
         if act:

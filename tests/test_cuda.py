@@ -109,6 +109,25 @@ def test_cuda_exact(case, fraction):
         settle()
 
 
+def test_cuda_copies_alone_overwrite_the_ring_and_calls_stay_exact(case):
+    """`CudaMover.copies_alone_s` (the floor bench_queue measures a sequence against) copies every load of
+    the plan into the ring between calls: the next calls still load what they use first and stay exact."""
+    sm, _ = stream_below_size(case, 0.45)
+    try:
+        x, ref = case["xs"][0], case["refs"][0]
+        with torch.no_grad():
+            assert torch.equal(out_of(sm(x)), ref)
+        mover = sm._executor.mover
+        assert sum(mover.copy_sizes()) >= sm.plan.streamed_bytes > 0
+        assert mover.copies_alone_s(repeats=2) > 0
+        for x, ref in zip(case["xs"], case["refs"]):
+            with torch.no_grad():
+                assert torch.equal(out_of(sm(x)), ref)
+    finally:
+        sm.close()
+        settle()
+
+
 def returns_before_the_gpu(fn, x) -> bool:
     """Whether `fn(x)` returns while about 0.1 s of GPU work queued ahead of it is still running."""
     torch.cuda.synchronize()

@@ -259,6 +259,9 @@ class QueueRun:
     # and each of those waits for the device
     allocator_counts: dict = field(default_factory=dict)
     plan_summary: dict = field(default_factory=dict)  # the sequence's plan in bytes and counts (`plan_summary`)
+    # CUDA, weights in host memory: the sequence's copies alone on the link, in order, no compute and no waits
+    # (`CudaMover.copies_alone_s`): the floor for exactly the bytes and copies the plan makes
+    copies_alone_s: float = 0.0
 
 
 COPY_SIZE_EDGES = (64 << 10, 1 << 20, 4 << 20, 16 << 20)
@@ -357,9 +360,13 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, m
         if time_copies and device.type == "cuda":
             copies = wl.streamed._executor.mover.copy_intervals()
             bounds = [r.start_s - results[0].start_s for r in results] + [results[-1].end_s - results[0].start_s]
+        alone = 0.0
+        mover = getattr(wl.streamed._executor, "mover", None)
+        if device.type == "cuda" and spec.host_budget_bytes is None and mover is not None:
+            alone = mover.copies_alone_s()
         return QueueRun(results, total, setup_s, peak - base, sampler.average_bytes() - base,
                         wl.plan.streamed_bytes, spec.budget_bytes, sampler, base, wl.graph_refusals, copies, bounds,
-                        counts, plan_summary(wl))
+                        counts, plan_summary(wl), alone)
     finally:
         wl.close()
 
