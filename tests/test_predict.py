@@ -264,5 +264,8 @@ def test_a_plan_from_predicted_costs_needs_no_profile(streams, monkeypatch, tmp_
     assert len(list(tmp_path.glob("plan-*.json"))) == 1
     sm.use_solver((x,), {}, costs=other, cache_dir=tmp_path)  # another cost model: planned and saved apart
     assert sm.costs is other and len(list(tmp_path.glob("plan-*.json"))) == 2
+    lam = flashmem.solve.SolverSettings(resident_weight=1e-9)  # other settings: planned and saved apart too
+    sm.use_solver((x,), {}, settings=lam, costs=costs, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("plan-*.json"))) == 3
     with pytest.raises(FlashmemError, match="costs given are for another program"):
         sm.use_solver((x,), {}, costs=flashmem.costs.CostModel("cpu", "other", link, costs.steps[:3]))

@@ -9,9 +9,11 @@ An input of a new shape or dtype is traced and planned again; plans are cached b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
+import json
 import sys
 import threading
 import warnings
@@ -521,13 +523,15 @@ class StreamedModel:
         args, kwargs = tree_map(self._to_device, (args, kwargs))
         self(*args, **kwargs)  # plans this input's signature with the simple planner if needed
         program, simple = self._current
-        planner = "solver"
+        settings = settings or SolverSettings()
+        # other settings (lambda, min_gain, limits, seed) make other plans: they are part of the key
+        planner = "solver " + json.dumps(dataclasses.asdict(settings), sort_keys=True)
         if costs is not None:
             if costs.signature != program.signature or len(costs.steps) != len(program.ops):
                 raise FlashmemError(f"the costs given are for another program ({len(costs.steps)} steps, input "
                                     f"{costs.signature}) than this input's ({len(program.ops)} ops, input "
                                     f"{program.signature}); make them from this input's program")
-            planner = "solver, costs " + hashlib.sha256(costs.to_json().encode()).hexdigest()[:16]
+            planner += ", costs " + hashlib.sha256(costs.to_json().encode()).hexdigest()[:16]
         cache = PlanCache(cache_dir) if cache_dir is not None else None
         key = cache_key(program, self.budget_bytes, simple.device, planner, simple.activation_bytes)
         cached = cache.load(key, program) if cache else None
@@ -537,8 +541,7 @@ class StreamedModel:
             costs = costs if costs is not None else profile(self, args, kwargs)
             plan = solve_plan(program, costs, budget_bytes=self.budget_bytes, device=simple.device,
                               alignment=simple.alignment, activation_bytes=simple.activation_bytes,
-                              granularity=self._granularity,
-                              settings=settings or SolverSettings())
+                              granularity=self._granularity, settings=settings)
             self.costs = costs
             if cache:
                 cache.save(key, program, plan, costs)
