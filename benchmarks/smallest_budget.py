@@ -96,6 +96,7 @@ def measure(args, name: str, split: str | None) -> dict:
     model = model.to(dev)
     with torch.no_grad():
         ref = getattr(model(**inputs), OUTPUT_OF[name])
+    fresh = build(spec)[0]  # built before the peak is watched: its random fill runs on the device
     if cuda:  # the peak: flashmem's set-up and calls alone, the resident model off the device
         model.cpu()
         torch.cuda.synchronize()
@@ -103,12 +104,14 @@ def measure(args, name: str, split: str | None) -> dict:
         sampler = MemorySampler(dev).start()
         before = sampler.read()
         torch.cuda.reset_peak_memory_stats()
-    sm = stream(least)
+    sm = flashmem.stream(fresh, least, device=args.device, example_kwargs=inputs, **extra)
+    del fresh
     try:
         with torch.no_grad():
             # a call resets the peak statistics at its start: read them after the set-up and after each call
             peaks = [torch.cuda.max_memory_reserved()] if cuda else []
-            out = getattr(sm(**inputs), OUTPUT_OF[name])
+            # the output to the host at once: a caller holding it on the device holds it beside the next call
+            out = getattr(sm(**inputs), OUTPUT_OF[name]).cpu()
             for _ in range(args.warmup + 1):
                 if cuda:
                     peaks.append(torch.cuda.max_memory_reserved())
