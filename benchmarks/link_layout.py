@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Whether the host memory's place or the copies' layout changes the host-to-device copy rate (CUDA).
+
+    PYTHONPATH=src python3 benchmarks/link_layout.py
+
+Prints the machine's NUMA nodes, the GPU's NUMA affinity (`nvidia-smi topo -m`), then:
+- per NUMA node: 1 GiB of host memory first touched by this process pinned to that node's CPUs, registered
+  (cudaHostRegister), copied to the device in 1, 4 and 64 MiB pieces (GB/s, median of 4);
+- 1 GiB registered, copied in 1-8 MiB pieces whose sources lie 512 B or 4 KiB apart or back to back, the
+  destinations 512 B apart, and the pieces alternating between two copy streams (GB/s, median of the last
+  three of four passes).
+Each piece is its own `copy_` launched from Python, so small pieces also measure the host's launch rate;
+a CUDA graph replays copies without it.
+"""
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import subprocess
+
+import torch
+
+
+def cpu_lists() -> dict[int, list[int]]:
+    out = {}
+    for node in sorted(glob.glob("/sys/devices/system/node/node[0-9]*")):
+        ids: list[int] = []
+        for part in open(node + "/cpulist").read().strip().split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                ids += range(int(a), int(b) + 1)
+            elif part:
+                ids.append(int(part))
+        out[int(node.rsplit("node", 1)[-1])] = ids
+    return out
+
+
+def registered(nbytes: int) -> torch.Tensor:
+    t = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+    t.fill_(1)  # first touch: the pages land on the node of the CPU that writes them
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister error {int(err)}")
+    return t
+
+
+def rate(src: torch.Tensor, dst: torch.Tensor, piece: int, src_gap: int = 0, dst_gap: int = 0,
+         streams: list[torch.cuda.Stream] | None = None, passes: int = 4) -> float:
+    """GB/s of copying `src` to `dst` in pieces, each `src_gap` / `dst_gap` bytes after the last one's end."""
+    streams = streams or [torch.cuda.Stream()]
+    limit = min(src.numel(), dst.numel())
+    rates = []
+    for _ in range(passes):
+        cur = torch.cuda.current_stream()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(cur)
+        for s in streams:
+            s.wait_event(a)
+        so, do, k, moved = 0, 0, 0, 0
+        while so + piece <= limit and do + piece <= limit:
+            with torch.cuda.stream(streams[k % len(streams)]):
+                dst[do:do + piece].copy_(src[so:so + piece], non_blocking=True)
+            moved, so, do, k = moved + piece, so + piece + src_gap, do + piece + dst_gap, k + 1
+        for s in streams:
+            e = torch.cuda.Event()
+            e.record(s)
+            cur.wait_event(e)
+        b.record(cur)
+        b.synchronize()
+        rates.append(moved / (a.elapsed_time(b) / 1e3) / 1e9)
+    rest = sorted(rates[1:])  # the first pass warms up
+    return rest[len(rest) // 2]
+
+
+def main() -> None:
+    nodes = cpu_lists()
+    print("NUMA nodes (first CPUs, count):", {k: (v[:3], len(v)) for k, v in nodes.items()})
+    try:
+        print(subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout)
+    except (OSError, subprocess.SubprocessError) as err:
+        print("nvidia-smi topo -m:", err)
+    n = 1 << 30
+    dst = torch.empty(n + (8 << 20), dtype=torch.uint8, device="cuda")
+    allowed = os.sched_getaffinity(0)
+    for node, ids in nodes.items():
+        use = set(ids) & allowed
+        if not use:
+            continue
+        os.sched_setaffinity(0, use)
+        src = registered(n)
+        os.sched_setaffinity(0, allowed)
+        print(f"memory on node {node}: " + ", ".join(f"{p >> 20} MiB {rate(src, dst, p):.1f}" for p in
+                                                      (1 << 20, 4 << 20, 64 << 20)) + " GB/s")
+        torch.cuda.cudart().cudaHostUnregister(src.data_ptr())
+        del src
+    src = registered(n + (8 << 20))
+    two = [torch.cuda.Stream(), torch.cuda.Stream()]
+    print("\n| piece | sources 512 B apart | 4 KiB apart | back to back | two streams | destinations 512 B apart |")
+    print("|---|---|---|---|---|---|")
+    for piece in (1 << 20, 2 << 20, 4 << 20, 8 << 20):
+        row = [rate(src, dst, piece, 512), rate(src, dst, piece, 4096), rate(src, dst, piece),
+               rate(src, dst, piece, streams=two), rate(src, dst, piece, dst_gap=512)]
+        print(f"| {piece >> 20} MiB | " + " | ".join(f"{r:.1f}" for r in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
