@@ -53,7 +53,7 @@ from bench_cuda import versions  # noqa: E402
 MODES = ["resident", "simple", "solver", "next_layer"]
 STREAMED = MODES[1:]
 MODELS = ["vit_l", "sd_unet", "neo_125m"]
-OUTPUT_OF = {"sd_unet": "sample", "vit_l": "last_hidden_state", "neo_125m": "logits"}  # the output compared
+OUTPUT_OF = {"sd_unet": "sample", "vit_l": "last_hidden_state", "neo_125m": "logits", "neo_2.7b": "logits"}  # the output compared
 MISSING = "missing dependency"  # an error row's `skip_model`: the other modes of that model fail the same way
 
 
@@ -99,6 +99,13 @@ def model_spec(name: str, small: bool):
         return ModelSpec(name, "transformers", "GPTNeoForCausalLM", cfg,
                          {"input_ids": {"shape": [1, 16 if small else 128], "dtype": "int64",
                                         "high": cfg["vocab_size"]}, "use_cache": {"value": False}})
+    if name == "neo_2.7b":  # GPT-Neo-2.7B shape, untied head, 512 tokens (tiny: 16); smallest_budget.py only
+        cfg = C.neo_config_dict("tiny" if small else "2.7B")
+        return ModelSpec(name, "transformers", "GPTNeoForCausalLM", cfg,
+                         {"input_ids": {"shape": [1, 16 if small else 512], "dtype": "int64",
+                                        "high": cfg["vocab_size"]}, "use_cache": {"value": False}})
+    if name != "vit_l":
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS + ['neo_2.7b'])}")
     cfg = vit_config(small)
     return ModelSpec(name, "transformers", "ViTModel", cfg,
                      {"pixel_values": {"shape": [1, 3, cfg["image_size"], cfg["image_size"]]}})

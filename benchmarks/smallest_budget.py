@@ -35,7 +35,8 @@ from bench_mixed import OUTPUT_OF, build, tensor_timestep  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--models", default="neo_125m", help="comma-separated: vit_l, sd_unet, neo_125m")
+    p.add_argument("--models", default="neo_125m", help="comma-separated: vit_l, sd_unet, neo_125m, neo_2.7b (512 tokens; "
+                                                     "with --split-bytes 32MiB as in BENCHMARKS' tight budget)")
     p.add_argument("--split-bytes", default="none", help="comma-separated split_bytes values, 'none' for whole "
                                                          "weights; one row per model and value")
     p.add_argument("--iters", type=int, default=5)
