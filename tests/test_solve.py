@@ -188,6 +188,35 @@ def test_a_gain_below_min_gain_keeps_the_simple_plan():
         solve_for(A, costs, 256, dataclasses.replace(FAST, min_gain=1.0))
 
 
+def test_a_small_resident_weight_between_streamed_neighbours_is_tried_streamed():
+    # Op 0 uses W0 (2 u), W1 (1 u) and W2 (2 u), op 1 W3 (2 u, 20 ms of compute), op 2 W1 again; a 6 u arena,
+    # 1 ms a unit and 3 ms a copy, on CUDA, where loads adjacent in the arena and in the store's order (weight
+    # index) at one step move as one copy. The relaxation's candidate keeps W1 resident: W0 and W2 are two
+    # copies, [0, 5] and [5, 10]; op 0 [10, 10]; W3 after op 0's release [10, 15]; op 1 [15, 35]; op 2 35 ms.
+    # W1 resident splits what could be one copy: streamed, W0 + W1 + W2 is one copy [0, 8]; op 0 at 8; W3
+    # [8, 13]; op 1 [13, 33]; W1 again behind W3 [13, 17]; op 2 33 ms. The candidate is tried both ways.
+    prog = program([128, 64, 128, 128], [("m0", (0, 1, 2), 0), ("m1", (3,), 1), ("m2", (1,), 2)])
+    costs = cost_model([0, 20, 0], bytes_per_ms=U, overhead_ms=3)
+    assert solve.merge_breakers(prog, [1], [0, 2, 3]) == {1}
+    assert solve.merge_breakers(prog, [1], [0, 3]) == set()  # W2 resident too: nothing to join
+    for device in ("cuda", "cpu"):
+        simple = simple_plan(prog, budget_bytes=384, device=device, alignment=ALIGN, activation_bytes=0,
+                             granularity=ALIGN)
+        simple = dataclasses.replace(simple, predicted_s=simulate(simple, costs).total_s)
+        plans, _ = solve._relaxed_plans(prog, costs, solve.use_runs(prog), simple, 384, ALIGN, ALIGN, FAST)
+        kept = [p for p in plans if [r.weight for r in p.residents] == [1]]
+        streamed = [p for p in plans if p.note.endswith("1 small weights streamed with their neighbours")]
+        assert len(kept) == 1
+        for p in plans:
+            assert list(find_problems(p, prog)) == []
+        if device == "cpu":  # loads are read one by one: nothing merges, no variant
+            assert streamed == []
+            continue
+        assert kept[0].predicted_s == pytest.approx(35 * MS)
+        assert len(streamed) == 1 and streamed[0].residents == ()
+        assert streamed[0].predicted_s == pytest.approx(33 * MS)
+
+
 def test_overhead_counts_per_copy():
     # Budget 384 (6 u), 1 ms of compute per op, and a 3 ms overhead per copy: each load takes 1 + 3 = 4 ms.
     # One resident leaves three copies, 12 ms of link before op 3 can run. With two resident, the other two

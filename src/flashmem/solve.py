@@ -243,6 +243,17 @@ def _place(program: Program, runs: list[UseRun], d: _Decisions, arena_bytes: int
     return None if loads is None else (residents, loads, offset)
 
 
+MERGE_SMALL_BYTES = 64 * 2**10  # a weight this small moves in less time than one copy's fixed cost
+
+
+def merge_breakers(program: Program, resident: list[int], streamed: list[int]) -> set[int]:
+    """Small resident weights whose neighbours in the host store's order (weight index) both stream: kept
+    resident, each splits what could be one copy (CUDA merges adjacent loads) in two."""
+    res, moved = set(resident), set(streamed)
+    return {w for w in res if w - 1 in moved and w + 1 in moved
+            and program.weights[w].nbytes < MERGE_SMALL_BYTES}
+
+
 RING_FACTORS = (1, 1.5, 2, 3, 4, 6)  # rounded relaxation: ring sizes, in largest working sets
 EXACT_BOUND_OPS = 600  # longer programs get a windowed relaxation (a guide, not a bound)
 # CP-SAT's deterministic time over its three tiers, as a share of time_limit_s: fixed, not what the wall clock
@@ -262,6 +273,27 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
     ranked = sorted(first, key=lambda w: (-relaxed.resident_share[w], first[w]))
     need = minimum_ring(program, runs, alignment)[0]
     plans, seen = [], set()
+
+    def candidate(order: list[int], note: str) -> None:
+        """The plan of `order` resident and the rest through the ring, predicted, where it places and is new."""
+        if tuple(order) in seen:
+            return
+        seen.add(tuple(order))
+        placed = ring_layout(program, runs, order, avail, alignment)
+        if placed is None:
+            return
+        residents, loads, resident_bytes, ring_bytes = placed
+        plan = replace(simple, arena_bytes=align_up(resident_bytes + ring_bytes, granularity),
+                       resident_bytes=resident_bytes, residents=residents, loads=loads, status="feasible",
+                       note=note)
+        if not list(find_problems(plan, program)):
+            plans.append(replace(plan, predicted_s=simulate(plan, costs).total_s))
+        if simple.device.startswith("cuda"):  # the copies merge: try the small weights that split them streamed
+            breakers = merge_breakers(program, [r.weight for r in residents], [l.weight for l in loads])
+            if breakers:
+                candidate([w for w in order if w not in breakers],
+                          f"{note}; {len(breakers)} small weights streamed with their neighbours")
+
     for factor in RING_FACTORS:
         order, total = [], 0
         for w in ranked:
@@ -269,19 +301,16 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
                 order.append(w)
                 total += size[w]
         order.sort(key=lambda w: first[w])
-        if tuple(order) in seen:
-            continue
-        seen.add(tuple(order))
-        placed = ring_layout(program, runs, order, avail, alignment)
-        if placed is None:
-            continue
-        residents, loads, resident_bytes, ring_bytes = placed
-        plan = replace(simple, arena_bytes=align_up(resident_bytes + ring_bytes, granularity),
-                       resident_bytes=resident_bytes, residents=residents, loads=loads, status="feasible",
-                       note=f"relaxation rounded: {len(residents)} weights resident, a ring of {factor}x the "
-                            f"largest working set")
-        if not list(find_problems(plan, program)):
-            plans.append(replace(plan, predicted_s=simulate(plan, costs).total_s))
+        candidate(order, f"relaxation rounded: {len(order)} weights resident, a ring of {factor}x the largest "
+                         f"working set")
+    # the simple plan's resident set itself is a plan already (the simple plan); its merge-aware variant is not
+    seen.add(tuple(sorted((r.weight for r in simple.residents), key=lambda w: first[w])))
+    if simple.device.startswith("cuda"):
+        breakers = merge_breakers(program, [r.weight for r in simple.residents], [l.weight for l in simple.loads])
+        if breakers:
+            candidate(sorted((r.weight for r in simple.residents if r.weight not in breakers), key=lambda w: first[w]),
+                      f"the simple plan's resident set less {len(breakers)} small weights, streamed with their "
+                      f"neighbours")
     return plans, relaxed.latency_s if exact else None
 
 
