@@ -84,6 +84,13 @@ def stream_below_size(case, fraction: float):
     raise AssertionError("no budget below the model's size")
 
 
+def assert_exact(sm, case) -> None:
+    """Every input of the case through `sm` gives the resident model's output, bit for bit."""
+    for x, ref in zip(case["xs"], case["refs"]):
+        with torch.no_grad():
+            assert torch.equal(out_of(sm(x)), ref)
+
+
 @pytest.mark.parametrize("fraction", [0.45, 0.7])
 def test_cuda_exact(case, fraction):
     sm, budget = stream_below_size(case, fraction)
@@ -120,9 +127,7 @@ def test_cuda_copies_alone_overwrite_the_ring_and_calls_stay_exact(case):
         mover = sm._executor.mover
         assert sum(mover.copy_sizes()) >= sm.plan.streamed_bytes > 0
         assert mover.copies_alone_s(repeats=2) > 0
-        for x, ref in zip(case["xs"], case["refs"]):
-            with torch.no_grad():
-                assert torch.equal(out_of(sm(x)), ref)
+        assert_exact(sm, case)
     finally:
         sm.close()
         settle()
@@ -443,9 +448,7 @@ def test_cuda_poisoned_and_slow_copies_stay_exact(case):
             settle()
     try:
         assert sm.plan.loads
-        for x, ref in zip(case["xs"], case["refs"]):
-            with torch.no_grad():
-                assert torch.equal(out_of(sm(x)), ref)
+        assert_exact(sm, case)
     finally:
         sm.close()
         settle()
@@ -560,9 +563,7 @@ def test_cuda_input_too_large_for_the_budget_fails_within_it(case):
         assert "flashmem" in notes and "raise the budget" in notes and fmt_bytes(budget) in notes
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_reserved() - before <= budget
-        for x, ref in zip(case["xs"], case["refs"]):
-            with torch.no_grad():
-                assert torch.equal(out_of(sm(x)), ref)
+        assert_exact(sm, case)
         assert torch.cuda.get_per_process_memory_fraction() == 1.0  # the cap is lifted
     finally:
         sm.close()
