@@ -38,6 +38,22 @@ def test_plan_writes_json(llama_folder, tmp_path, capsys):
     assert json.loads(smallest.read_text())["budget_bytes"] == least < 200 * 1024
 
 
+@pytest.mark.parametrize("suffix", [".png", ".html"])
+def test_plan_writes_a_picture_or_a_page(llama_folder, tmp_path, capsys, suffix):
+    out = tmp_path / f"plan{suffix}"
+    assert main(["plan", str(llama_folder), "--budget", "200KiB", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted" in printed and "measured" in printed and str(out) in printed
+    least = re.search(r"smallest budget for this input: .+ \((\d+) bytes\)", printed).group(1)
+    if suffix == ".png":
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
+    assert f"({least} bytes)" in page  # the smallest budget, as printed
+    assert "model.embed_tokens" in page and "lm_head" in page  # the ops' modules by name
+
+
 def test_plan_prints_json_without_out(llama_folder, capsys):
     assert main(["plan", str(llama_folder), "--budget", "1MiB", "--tokens", "5"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -1,8 +1,12 @@
-"""Report: `plot_plan` writes a PNG for a plan with its predicted timeline (and a measured one beneath), and
+"""Report: `plot_plan` writes a PNG for a plan with its predicted timeline (and a measured one beneath),
+`write_plan_html` one page with that picture and a row for every op, load and resident, and
 `memory_curve` (bytes held over a call) starts at the plan's fixed bytes, returns to them, never goes over
 the budget, and matches a curve worked out by hand."""
 from __future__ import annotations
 
+import base64
+import html.parser
+import re
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ import torch
 from flashmem.check import find_problems
 from flashmem.costs import CostModel, LinkCost, StepCost, Timeline, measure_timeline, simulate
 from flashmem.plan import simple_plan
-from flashmem.report import memory_curve, plot_plan
+from flashmem.report import memory_curve, plot_plan, write_plan_html
 from flashmem.solve import SolverSettings, solve_plan
 from flashmem.trace import Program
 
@@ -110,6 +114,60 @@ def test_plot_with_a_measured_timeline_from_a_real_call(tmp_path, streams):
         for _ in range(3):
             times, held = memory_curve(plan, measure_timeline(sm, (x,), {}))
             assert max(held) <= plan.budget_bytes
+
+
+# -- write_plan_html ---------------------------------------------------------------------------------------------
+class _Tables(html.parser.HTMLParser):
+    """Each table of a page as rows of cell texts, and the sources of its images."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self._cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+
+def test_plan_page_has_every_op_load_and_resident(tmp_path):
+    # A's four ops, one named with HTML's special characters; at 384 B one weight is resident, the rest stream.
+    prog = program([100] * 4, [("m<0>&", (0,), 0)] + [(f"m{i}", (i,), i) for i in range(1, 4)])
+    plan = plan_for(prog, 384)
+    assert plan.residents and plan.loads
+    costs = costs_ms([2, 1, 4, 1], overhead_ms=0.5)
+    predicted, measured = simulate(plan, costs), simulate(plan, costs_ms([2, 1, 4, 1], bytes_per_ms=20))
+    out = write_plan_html(plan, prog, predicted, tmp_path / "plan.html", measured=measured, smallest_budget_bytes=256)
+    text = out.read_text()
+    assert "m&lt;0&gt;&amp;" in text and "m<0>&" not in text
+    page = _Tables()
+    page.feed(text)
+    summary, ops, loads, residents = page.tables
+    facts = dict(row for row in summary)
+    assert facts["predicted"] == f"{predicted.total_s * 1e3:.3f} ms"
+    assert facts["measured"] == f"{measured.total_s * 1e3:.3f} ms"
+    assert facts["smallest budget for this input"].endswith("(256 bytes)")
+    assert [row[1] for row in ops[1:]] == ["m<0>&", "m1", "m2", "m3"]
+    assert [float(row[-1]) for row in ops[1:]] == pytest.approx([e * 1e3 for e in measured.step_end_s], abs=1e-3)
+    assert [(row[1], int(row[2]), int(row[3])) for row in loads[1:]] == [
+        (f"W{load.weight}", load.nbytes, load.start_step) for load in plan.loads]
+    assert [row[0] for row in residents[1:]] == [f"W{r.weight}" for r in plan.residents]
+    png = base64.b64decode(re.match(r"data:image/png;base64,(.*)", page.images[0]).group(1))
+    assert png[:8] == PNG_SIGNATURE and len(page.images) == 1
 
 
 # -- memory_curve ---------------------------------------------------------------------------------------------------

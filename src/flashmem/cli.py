@@ -63,24 +63,29 @@ def _smallest(sm) -> str:
 
 
 def cmd_plan(args) -> int:
-    """Make (or reuse from the cache) a plan; print it, or write it as JSON or as a picture (.png) with a
-    summary and the smallest budget the input plans in."""
+    """Make (or reuse from the cache) a plan; print it, or write it as JSON, a picture (.png) or a page
+    (.html: the picture and tables of ops, loads and residents), with a summary and the smallest budget the
+    input plans in."""
     from . import from_pretrained
 
     _, ids = _inputs(Path(args.folder), args.prompt, args.tokens)
     sm = from_pretrained(args.folder, budget=args.budget, device=args.device, example_inputs=(ids,),
                          planner=args.planner, cache_dir=args.cache_dir, host_budget=args.host_budget,
                          split_bytes=args.split_bytes)
-    if args.out and args.out.endswith(".png"):
+    if args.out and args.out.endswith((".png", ".html")):
         import torch
 
         from .costs import measure_timeline, profile, simulate
-        from .report import plot_plan
+        from .report import plot_plan, write_plan_html
 
         with torch.no_grad():
             costs = sm.costs or profile(sm, (ids,), {})
             measured = measure_timeline(sm, (ids,), {})
-        plot_plan(sm.plan, sm.program, simulate(sm.plan, costs), args.out, measured=measured)
+        if args.out.endswith(".png"):
+            plot_plan(sm.plan, sm.program, simulate(sm.plan, costs), args.out, measured=measured)
+        else:
+            write_plan_html(sm.plan, sm.program, simulate(sm.plan, costs), args.out, measured=measured,
+                            smallest_budget_bytes=sm.minimum_budget_bytes)
         bound = f" (no plan in this arena below {sm.plan.bound_s * 1e3:.2f} ms)" if sm.plan.bound_s else ""
         print(f"{sm.plan.summary(sm.program)}\n{_smallest(sm)}\n"
               f"predicted {simulate(sm.plan, costs).total_s * 1e3:.2f} ms{bound}, "
@@ -164,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
     model_args(plan)
     plan.add_argument("--out", help="write the plan here instead of printing it: JSON, or a timeline picture "
                                     "(predicted and measured compute and copy lanes, memory against the "
-                                    "budget) if the name ends in .png")
+                                    "budget) if the name ends in .png, or one HTML page with the picture and "
+                                    "tables of the ops, loads and residents if it ends in .html")
     plan.set_defaults(func=cmd_plan)
     queue = sub.add_parser("queue", help="run several models in turn under one budget, as a JSON spec describes")
     queue.add_argument("spec", help="JSON: models (transformers/diffusers class and config, or a folder), "
