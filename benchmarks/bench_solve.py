@@ -11,6 +11,7 @@ for a program of this size, on 2 cores here.
 
     PYTHONPATH=src python benchmarks/bench_solve.py                       # 2.7B shape: writes 5.6 GB once
     PYTHONPATH=src python benchmarks/bench_solve.py --size tiny --budgets 0.3x   # logic check, seconds
+    PYTHONPATH=src python benchmarks/bench_solve.py --split-bytes 4MiB --budgets 0.25GiB   # ~1,400 ops
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="1GiB,0.5GiB", help="comma-separated sizes, or fractions of the weights (0.3x)")
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--split-bytes", help="from_pretrained(split_bytes=...): larger matrices split into blocks of "
+                                         "this size, a longer program (4MiB: about 1,400 ops for the 2.7B shape)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flashmem-bench-solve"))
     args = p.parse_args(argv)
     import torch
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
     for text in args.budgets.split(","):
         budget = int(float(text[:-1]) * meta["weight_bytes"]) if text.endswith("x") else parse_bytes(text)
         t0 = time.perf_counter()
-        sm = flashmem.from_pretrained(folder, budget=budget, device="cpu", example_inputs=(ids,))
+        sm = flashmem.from_pretrained(folder, budget=budget, device="cpu", example_inputs=(ids,),
+                                      split_bytes=args.split_bytes)
         traced_s = time.perf_counter() - t0
         simple = sm.plan
         t1 = time.perf_counter()
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         sm.close()
     print(f"\nGPT-Neo-{args.size} fp16 on the CPU ({torch.get_num_threads()} threads), {args.tokens} tokens, "
-          f"CP-SAT on {args.workers} workers")
+          f"CP-SAT on {args.workers} workers" + (f", split_bytes {args.split_bytes}" if args.split_bytes else ""))
     print("| budget | ops | loads | status | solve s | profile + solve s | predicted ms | simple plan predicted ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
