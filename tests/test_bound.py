@@ -7,7 +7,9 @@ import dataclasses
 
 import pytest
 
-from flashmem.bound import latency_bound
+from flashmem import solve
+from flashmem.bound import BoundNotSolved, latency_bound
+from flashmem.check import find_problems
 from flashmem.costs import simulate
 from flashmem.errors import BudgetTooSmall, FlashmemError
 from flashmem.plan import next_layer_plan
@@ -130,3 +132,25 @@ def test_random_programs_bound_every_plan(seed):
     # slower links only raise it
     slower = dataclasses.replace(costs, link=dataclasses.replace(costs.link, bandwidth_bytes_per_s=costs.link.bandwidth_bytes_per_s / 2))
     assert bound(prog, slower, avail).latency_s >= b.latency_s - 1e-12
+
+
+def test_a_time_limited_relaxation_that_cannot_finish_says_so():
+    # 400 ops, each its own 2 u weight, streamed through 8 u with a 192-step window: some 77k arrival
+    # variables, far more than the simplex finishes in a millisecond. Without the limit it solves.
+    prog = chain([128] * 400)
+    costs = cost_model([0.01] * 400)
+    with pytest.raises(BoundNotSolved, match=r"relaxation of 400 steps did not reach its optimum in 0.0 s"):
+        latency_bound(prog, costs, 8 * U, ALIGN, window_steps=192, time_limit_s=1e-3)
+    assert latency_bound(prog, costs, 8 * U, ALIGN, window_steps=8).latency_s > 0
+
+
+def test_the_solver_skips_a_relaxation_too_large_to_build(monkeypatch):
+    # A's four ops treated as a long program (past EXACT_BOUND_OPS) whose 4 runs x 4 steps exceed the
+    # relaxation's size limit: no rounded candidates and no bound, said in the note; CP-SAT still plans.
+    monkeypatch.setattr(solve, "EXACT_BOUND_OPS", 2)
+    monkeypatch.setattr(solve, "GUIDE_MAX_TERMS", 10)
+    costs = cost_model([0, 0, 0, 0], bytes_per_ms=100)
+    plan = solve_for(A, costs, 256)
+    assert "relaxation skipped: 4 use runs over 4 steps" in plan.note
+    assert plan.bound_s is None and not list(find_problems(plan, A))
+    assert plan.predicted_s <= simulate(simple_for(A, 256), costs).total_s

@@ -203,7 +203,8 @@ def test_a_small_resident_weight_between_streamed_neighbours_is_tried_streamed()
         simple = simple_plan(prog, budget_bytes=384, device=device, alignment=ALIGN, activation_bytes=0,
                              granularity=ALIGN)
         simple = dataclasses.replace(simple, predicted_s=simulate(simple, costs).total_s)
-        plans, _ = solve._relaxed_plans(prog, costs, solve.use_runs(prog), simple, 384, ALIGN, ALIGN, FAST)
+        plans, _, skipped = solve._relaxed_plans(prog, costs, solve.use_runs(prog), simple, 384, ALIGN, ALIGN, FAST)
+        assert skipped is None
         kept = [p for p in plans if [r.weight for r in p.residents] == [1]]
         streamed = [p for p in plans if p.note.endswith("1 small weights streamed with their neighbours")]
         assert len(kept) == 1
@@ -249,7 +250,7 @@ def test_overhead_counts_per_copy():
 def no_rounding(monkeypatch):
     """The rounded relaxation offers no plan (its bound stays): each CP-SAT tier and the fallback answer alone."""
     def bound_only(program, costs, runs, simple, avail, alignment, *rest):
-        return [], latency_bound(program, costs, avail, alignment).latency_s
+        return [], latency_bound(program, costs, avail, alignment).latency_s, None
 
     monkeypatch.setattr(solve, "_relaxed_plans", bound_only)
 

@@ -39,11 +39,16 @@ class LatencyBound:
     resident_share: tuple[float, ...]  # per weight (by index), its resident fraction in the relaxation's optimum
 
 
+class BoundNotSolved(FlashmemError):
+    """The relaxation did not reach its optimum within the time it was given."""
+
+
 def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignment: int,
-                  window_steps: int | None = None) -> LatencyBound:
+                  window_steps: int | None = None, time_limit_s: float | None = None) -> LatencyBound:
     """Solve the relaxation (see the module docstring) for `program` streamed in an arena of `arena_bytes`.
     With `window_steps`, a load may arrive only in the steps that many before its first use: smaller and
-    faster, a guide for planners but no longer a bound."""
+    faster, a guide for planners but no longer a bound. With `time_limit_s`, raises BoundNotSolved where
+    the simplex has not reached the optimum by then (a long program's linear program can take minutes)."""
     from ortools.linear_solver import pywraplp
 
     n = len(program.ops)
@@ -147,7 +152,12 @@ def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignmen
         objective.SetCoefficient(v, 1.0)
     objective.SetOffset(sum(compute_ms))
     objective.SetMinimization()
+    if time_limit_s is not None:
+        lp.SetTimeLimit(max(1, int(time_limit_s * 1e3)))
     status = lp.Solve()
+    if status != pywraplp.Solver.OPTIMAL and time_limit_s is not None:
+        raise BoundNotSolved(f"the relaxation of {n} steps did not reach its optimum in {time_limit_s:.1f} s "
+                             f"(status {status})")
     if status != pywraplp.Solver.OPTIMAL:
         raise FlashmemError(f"the latency bound's linear program did not solve (status {status}); an arena of "
                             f"{arena_bytes} bytes may not hold the largest op's weights")

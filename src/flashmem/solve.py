@@ -25,6 +25,7 @@ predicted fastest. `plan.status` says "optimal" or "feasible" (a solver's or the
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -33,7 +34,7 @@ from ortools.sat.python import cp_model
 from .check import find_problems
 from .errors import FlashmemError
 from .costs import CostModel, simulate
-from .bound import latency_bound
+from .bound import BoundNotSolved, latency_bound
 from .plan import (Load, Plan, Resident, UseRun, arena_limit, minimum_ring, place_ring, ring_layout, simple_plan,
                    use_runs)
 from .trace import Program
@@ -87,6 +88,14 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
             held_before[s] += size_u[r.weight]
     for (u, s), kib in done.moved.items():
         moved_before[s] += kib
+    # units that runs of later windows (not decided, not resident) hold at each step: a difference array
+    deciding_set = set(deciding)
+    later_delta = [0] * (n_steps + 1)
+    for u, r in enumerate(runs):
+        if u not in done.start and u not in deciding_set and r.weight not in done.resident:
+            later_delta[r.first_use + 1] += size_u[r.weight]
+            later_delta[min(r.last_use + 2, n_steps)] -= size_u[r.weight]
+    later = list(itertools.accumulate(later_delta))
 
     model = cp_model.CpModel()
     # -- variables ----------------------------------------------------------------------------------------
@@ -139,9 +148,7 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
         if s < hi:
             model.add(held_kib(s) + held_before[s] <= arena_u)
         elif resident:  # later runs still need room beside what this window keeps resident
-            later = sum(size_u[r.weight] for u, r in enumerate(runs) if u not in done.start and u not in
-                        deciding and r.first_use + 1 <= s <= r.last_use + 1 and r.weight not in done.resident)
-            model.add(sum(size_u[w] * v for w, v in resident.items()) + held_before[s] + later <= arena_u)
+            model.add(sum(size_u[w] * v for w, v in resident.items()) + held_before[s] + later[s] <= arena_u)
 
     # -- the hint: the simple plan, complete (every variable), so the search starts from a solution ---------
     hint_resident = {w: int(w in hint.resident) for w in resident}
@@ -259,13 +266,25 @@ EXACT_BOUND_OPS = 600  # longer programs get a windowed relaxation (a guide, not
 # CP-SAT's deterministic time over its three tiers, as a share of time_limit_s: fixed, not what the wall clock
 # leaves after the relaxation tier, so that a plan depends on the seed alone and not on the machine's load.
 CP_SAT_SHARE = 0.7
+GUIDE_SHARE = 0.25  # of time_limit_s: the windowed relaxation of a long program, skipped where it needs more
+# The relaxation's residency rows have a term per use run and step: past this many, building it alone takes
+# seconds (a 1,571-step program with 2,410 runs, 3.8M terms: 8 s to build, minutes to solve on 2 cores)
+GUIDE_MAX_TERMS = 1_000_000
 
 
 def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simple: Plan, avail: int,
                    alignment: int, granularity: int, settings: "SolverSettings") -> tuple[list[Plan], float | None]:
-    """Plans rounded from the relaxation, predicted, and the bound (None where the relaxation was windowed)."""
+    """Plans rounded from the relaxation, predicted; the bound (None where the relaxation was windowed); and
+    why there are none where the relaxation was skipped (else None)."""
     exact = len(program.ops) <= EXACT_BOUND_OPS
-    relaxed = latency_bound(program, costs, avail, alignment, window_steps=None if exact else 4 * settings.lookahead)
+    if not exact and len(runs) * len(program.ops) > GUIDE_MAX_TERMS:
+        return [], None, (f"relaxation skipped: {len(runs)} use runs over {len(program.ops)} steps would take "
+                          f"longer to build than the time limit allows")
+    try:  # a long program's windowed relaxation is a guide only, and gets a share of the time limit
+        relaxed = latency_bound(program, costs, avail, alignment, window_steps=None if exact else 4 * settings.lookahead,
+                                time_limit_s=None if exact else GUIDE_SHARE * settings.time_limit_s)
+    except BoundNotSolved as err:
+        return [], None, f"relaxation skipped: {err}"
     first: dict[int, int] = {}
     for r in runs:
         first.setdefault(r.weight, r.first_use)
@@ -311,7 +330,7 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
             candidate(sorted((r.weight for r in simple.residents if r.weight not in breakers), key=lambda w: first[w]),
                       f"the simple plan's resident set less {len(breakers)} small weights, streamed with their "
                       f"neighbours")
-    return plans, relaxed.latency_s if exact else None
+    return plans, relaxed.latency_s if exact else None, None
 
 
 def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device: str, alignment: int,
@@ -330,12 +349,12 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
     runs = use_runs(program)
     # Sizes in units of the alignment: exact, as the arena allocates them.
     size_u = {w.index: align_up(w.nbytes, alignment) // alignment for w in program.weights}
-    relaxed, bound_s = _relaxed_plans(program, costs, runs, simple, avail, alignment, granularity, settings)
+    relaxed, bound_s, skipped = _relaxed_plans(program, costs, runs, simple, avail, alignment, granularity, settings)
     good_s = simple.predicted_s * (1 - settings.min_gain)  # what a plan must beat to replace the simple one
     best = min([simple] + [p for p in relaxed if p.predicted_s <= good_s], key=lambda p: p.predicted_s)
     hint = _hint_from(best, runs)
     n_steps = len(program.ops) + 1
-    notes = []
+    notes = [skipped] if skipped else []
     budget_s = CP_SAT_SHARE * settings.time_limit_s
     for tier, shrink in (("solver", 1.0), ("solver, arena tightened by 10% for placement", 0.9),
                          ("solver, arena tightened by 25% for placement", 0.75)):
@@ -359,7 +378,8 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
         ring_end = max([resident_bytes] + [l.offset_bytes + align_up(l.nbytes, alignment) for l in loads])
         plan = replace(simple, arena_bytes=align_up(ring_end, granularity), resident_bytes=resident_bytes,
                        residents=tuple(residents), loads=tuple(loads),
-                       status="optimal" if done.optimal else "feasible", note=tier)
+                       status="optimal" if done.optimal else "feasible",
+                       note=tier + (f"; {skipped}" if skipped else ""))
         if list(find_problems(plan, program)):
             notes.append(f"{tier}: rejected by the checker")
             continue
