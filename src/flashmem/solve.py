@@ -273,7 +273,8 @@ GUIDE_MAX_TERMS = 1_000_000
 
 
 def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simple: Plan, avail: int,
-                   alignment: int, granularity: int, settings: "SolverSettings") -> tuple[list[Plan], float | None]:
+                   alignment: int, granularity: int, settings: "SolverSettings"
+                   ) -> tuple[list[Plan], float | None, str | None]:
     """Plans rounded from the relaxation, predicted; the bound (None where the relaxation was windowed); and
     why there are none where the relaxation was skipped (else None)."""
     exact = len(program.ops) <= EXACT_BOUND_OPS
@@ -294,7 +295,8 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
     plans, seen = [], set()
 
     def candidate(order: list[int], note: str) -> None:
-        """The plan of `order` resident and the rest through the ring, predicted, where it places and is new."""
+        """The plan of `order` resident and the rest through the ring, predicted, where it places and is new;
+        `note` says how it was made, `{n}` there the number of weights it keeps resident."""
         if tuple(order) in seen:
             return
         seen.add(tuple(order))
@@ -304,7 +306,7 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
         residents, loads, resident_bytes, ring_bytes = placed
         plan = replace(simple, arena_bytes=align_up(resident_bytes + ring_bytes, granularity),
                        resident_bytes=resident_bytes, residents=residents, loads=loads, status="feasible",
-                       note=note)
+                       note=note.format(n=len(residents)))
         if not list(find_problems(plan, program)):
             plans.append(replace(plan, predicted_s=simulate(plan, costs).total_s))
         if simple.device.startswith("cuda"):  # the copies merge: try the small weights that split them streamed
@@ -320,8 +322,7 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
                 order.append(w)
                 total += size[w]
         order.sort(key=lambda w: first[w])
-        candidate(order, f"relaxation rounded: {len(order)} weights resident, a ring of {factor}x the largest "
-                         f"working set")
+        candidate(order, f"relaxation rounded: {{n}} weights resident, a ring of {factor}x the largest working set")
     # the simple plan's resident set itself is a plan already (the simple plan); its merge-aware variant is not
     seen.add(tuple(sorted((r.weight for r in simple.residents), key=lambda w: first[w])))
     if simple.device.startswith("cuda"):
