@@ -588,3 +588,39 @@ def test_a_smaller_ring_places_what_the_whole_arena_did_not():
     plan = plan_for(prog, 648, granularity=1)
     assert_valid(plan, prog)
     assert plan.loads and plan.total_bytes <= 648
+
+
+# -- previous_holders against its definition -------------------------------------------------------------------
+def holders_by_pairs(loads, alignment: int) -> list[int | None]:
+    """The definition, pair by pair: of the earlier loads sharing a byte (each owning its bytes rounded up to
+    the alignment), the one released latest (last use, then the op entered first, then the later load)."""
+    out = []
+    for j, load in enumerate(loads):
+        begin, end = load.offset_bytes, load.offset_bytes + -(-load.nbytes // alignment) * alignment
+        best = None
+        for k in range(j):
+            o = loads[k]
+            if o.offset_bytes < end and begin < o.offset_bytes + -(-o.nbytes // alignment) * alignment:
+                if best is None or (o.last_use, -o.release_op, k) > (loads[best].last_use, -loads[best].release_op, best):
+                    best = k
+        out.append(best)
+    return out
+
+
+@st.composite
+def load_lists(draw):
+    """Up to 40 loads anywhere in 2 KiB, overlapping freely (valid plans or not), of 1-500 bytes."""
+    loads = []
+    for _ in range(draw(st.integers(1, 40))):
+        last = draw(st.integers(0, 12))
+        loads.append(Load(0, 0, 0, last, draw(st.integers(0, last)), draw(st.integers(0, 31)) * 64,
+                          draw(st.integers(1, 500))))
+    return loads
+
+
+@settings(max_examples=300, deadline=None)
+@given(load_lists())
+def test_previous_holders_is_its_definition(loads):
+    from flashmem.plan import previous_holders
+
+    assert previous_holders(loads, 64) == holders_by_pairs(loads, 64)

@@ -11,6 +11,8 @@ knows only "load layer L + 1 while layer L runs".
 """
 from __future__ import annotations
 
+import bisect
+
 import json
 from dataclasses import asdict, dataclass, replace
 
@@ -132,17 +134,44 @@ def previous_holders(loads, alignment: int) -> list[int | None]:
     """For each load, the earlier load of the same call that last held any of its bytes (the one
     released latest), whose release it must wait for; None where its bytes are fresh this call.
     A load owns its bytes rounded up to the alignment (copies may carry the padding). Releases happen
-    in order of last use; of two with the same last use, the op entered first exits last."""
+    in order of last use; of two with the same last use, the op entered first exits last; of two that
+    tie there too, the later load.
+
+    One sweep over the loads with a map of the arena's bytes, in segments, each holding the load released
+    latest of those that covered it so far: a load's holder is the latest of its segments' before it takes
+    them (a few segments per load in a ring; the pairwise scan this replaces took 0.6 s for 2,410 loads and
+    grows with their square, a sequence of several models has 25,000)."""
+    def later(k: int | None, j: int) -> bool:  # whether load j is released after load k
+        return k is None or (loads[j].last_use, -loads[j].release_op, j) > (loads[k].last_use, -loads[k].release_op, k)
+
+    starts: list[int] = [0]  # segment i covers bytes [starts[i], starts[i + 1]), the last one to the end
+    holder: list[int | None] = [None]
+
+    def boundary(x: int) -> int:
+        """Index of the segment starting at byte x (split where one spans it)."""
+        i = bisect.bisect_right(starts, x) - 1
+        if starts[i] != x:
+            starts.insert(i + 1, x)
+            holder.insert(i + 1, holder[i])
+            i += 1
+        return i
+
     out: list[int | None] = []
     for j, load in enumerate(loads):
-        begin, end = load.offset_bytes, load.offset_bytes + align_up(load.nbytes, alignment)
-        best = None
-        for k in range(j - 1, -1, -1):
-            other = loads[k]
-            if other.offset_bytes < end and begin < other.offset_bytes + align_up(other.nbytes, alignment):
-                if best is None or (other.last_use, -other.release_op) > (loads[best].last_use, -loads[best].release_op):
-                    best = k
-        out.append(best)
+        lo = boundary(load.offset_bytes)
+        hi = boundary(load.offset_bytes + align_up(load.nbytes, alignment))
+        found = None
+        for k in holder[lo:hi]:
+            if k is not None and later(found, k):
+                found = k
+        out.append(found)
+        merged_starts, merged = [], []  # load j now covers [lo, hi): each segment keeps the later of the two
+        for x, k in zip(starts[lo:hi], holder[lo:hi]):
+            k = j if later(k, j) else k
+            if not merged or merged[-1] != k:
+                merged_starts.append(x)
+                merged.append(k)
+        starts[lo:hi], holder[lo:hi] = merged_starts, merged
     return out
 
 
