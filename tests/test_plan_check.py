@@ -624,3 +624,27 @@ def test_previous_holders_is_its_definition(loads):
     from flashmem.plan import previous_holders
 
     assert previous_holders(loads, 64) == holders_by_pairs(loads, 64)
+
+
+@st.composite
+def region_lists(draw):
+    """Up to 30 regions (begin, end, from step, to step, label) anywhere in 2 KiB, spans of -1..12 steps,
+    some empty or reversed (a broken plan's)."""
+    out = []
+    for i in range(draw(st.integers(1, 30))):
+        b = draw(st.integers(-2, 31)) * 64
+        out.append((b, b + draw(st.integers(0, 8)) * 64, draw(st.integers(-1, 12)), draw(st.integers(-1, 12)), f"r{i}"))
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(region_lists())
+def test_the_checkers_sweep_finds_every_clash_the_pairs_do(regions):
+    from flashmem.check import _shared_while_held
+
+    pairs = any(a[0] < b[1] and b[0] < a[1] and a[2] <= b[3] and b[2] <= a[3]
+                for i, a in enumerate(regions) for b in regions[i + 1:])
+    if pairs:
+        assert _shared_while_held(regions)
+    elif all(b < e for b, e, *_ in regions) and all(f <= t for _, _, f, t, _ in regions):
+        assert not _shared_while_held(regions)  # and on well-formed regions it says no clash exactly

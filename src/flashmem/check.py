@@ -89,7 +89,10 @@ def find_problems(plan, program):
             if not ok:
                 yield f"op {op.index} ({op.module}) uses {weights[w].name}, which no load has in place then"
 
-    # No two regions share a byte while both are held (a held span is inclusive of both ends).
+    # No two regions share a byte while both are held (a held span is inclusive of both ends). A sweep finds
+    # whether any pair does; only then are the pairs listed, one by one.
+    if not _shared_while_held(regions):
+        return
     regions.sort()
     for a in range(len(regions)):
         b0, e0, s0, t0, label0 = regions[a]
@@ -99,6 +102,46 @@ def find_problems(plan, program):
                 break
             if s0 <= t1 and s1 <= t0:
                 yield f"{label0} and {label1} share arena bytes [{b1}, {min(e0, e1)}) while both are held (ops {max(s0, s1)}..{min(t0, t1)})"
+
+
+def _shared_while_held(regions) -> bool:
+    """Whether two of the (begin, end, from step, to step, label) regions share a byte while both are held.
+
+    In order of the step they are taken from: a region clashes with an earlier one exactly when one of
+    them holds a byte of the other until its start or later. So a map of the arena's bytes, in segments,
+    each with the latest step any region taken so far holds it to, answers for each region in a few
+    segments, where the pairs of a long sequence's ring (thousands of loads over the same bytes) are
+    millions. A region of no bytes shares none, but the pairwise listing counts one lying inside another:
+    where there is one, the listing decides. A clash found here only sends the check to the listing, so
+    this may err toward True (a broken span), never toward False."""
+    import bisect
+
+    if any(b >= e for b, e, *_ in regions):
+        return True
+    # segment i: bytes [starts[i], starts[i + 1]), held to step until[i] (-2: never); offsets may be negative
+    # in a broken plan
+    starts, until = [min([0] + [b for b, *_ in regions])], [-2]
+
+    def boundary(x: int) -> int:
+        i = bisect.bisect_right(starts, x) - 1
+        if starts[i] != x:
+            starts.insert(i + 1, x)
+            until.insert(i + 1, until[i])
+            i += 1
+        return i
+
+    for begin, end, first, last, _ in sorted(regions, key=lambda r: r[2]):
+        lo, hi = boundary(begin), boundary(end)
+        if max(until[lo:hi]) >= first:
+            return True
+        merged_starts, merged = [], []
+        for x, t in zip(starts[lo:hi], until[lo:hi]):
+            t = max(t, last)
+            if not merged or merged[-1] != t:
+                merged_starts.append(x)
+                merged.append(t)
+        starts[lo:hi], until[lo:hi] = merged_starts, merged
+    return False
 
 
 def staging_problems(plan):
