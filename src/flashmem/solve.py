@@ -15,13 +15,18 @@ step that computes, plus a per-copy overhead). The objective is the sum of step 
 
 Before CP-SAT, the latency bound's linear relaxation (`bound.py`) is rounded into candidate plans: weights
 resident in order of their resident share there, rings of one to six times the largest working set, each
-laid out as the simple plan lays out its ring and predicted by `costs.simulate`. The best of them and the
-simple plan is CP-SAT's hint. Long programs are solved in a rolling window of steps, each window with what
+laid out as the simple plan lays out its ring and predicted by `costs.simulate`; on CUDA, where adjacent
+loads merge into one copy, each also with its small resident weights between two streamed neighbours
+streamed (`merge_breakers`). The best of them and the simple plan is CP-SAT's hint. Past 600 steps the
+relaxation is windowed (a guide, not a bound), limited to a share of the time limit and skipped where it
+would be too large to build. Long programs are solved in a rolling window of steps, each window with what
 earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved). Offsets are
 assigned after solving (first fit in time and space). Tiers: the solver's plan; the solver with a tighter
 arena (more room for placement); the rounded relaxation; the simple plan. The plan returned is the one
-predicted fastest. `plan.status` says "optimal" or "feasible" (a solver's or the relaxation's plan) or
-"fallback" (the simple plan), `plan.note` which tier answered and why, and `plan.bound_s` the bound.
+predicted fastest, where it beats the simple plan by at least `SolverSettings.min_gain` (else the simple
+plan: a smaller gain lies within the cost model's error). `plan.status` says "optimal" or "feasible" (a
+solver's or the relaxation's plan) or "fallback" (the simple plan), `plan.note` which tier answered and
+why, and `plan.bound_s` the bound.
 """
 from __future__ import annotations
 
