@@ -172,9 +172,13 @@ class CudaMover:
         if self.capturing:
             self.copy_tail.record(self.copy_stream)
 
+    def _copies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) of each copy a call makes, in issue order."""
+        return [(dst, src) for step in sorted(self.groups) for dst, src, *_ in self.groups[step]]
+
     def copy_sizes(self) -> list[int]:
         """The bytes of each copy a call makes, in issue order (loads merged where they follow each other)."""
-        return [dst.numel() for step in sorted(self.groups) for dst, *_ in self.groups[step]]
+        return [dst.numel() for dst, _ in self._copies()]
 
     def merge_copies(self, on: bool) -> None:
         """Merge loads that follow each other into one copy (the default), or (False) copy every load on its
@@ -287,7 +291,7 @@ class CudaMover:
         copy lane is measured against. Overwrites the ring's bytes, so it runs between calls only; the
         next call loads every streamed weight again before its use, as always."""
         torch.cuda.synchronize(self.device)
-        copies = [(dst, src) for step in sorted(self.groups) for dst, src, *_ in self.groups[step]]
+        copies = self._copies()
         times = []
         for _ in range(repeats):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
