@@ -361,7 +361,7 @@ def predictions(args, sm, inputs: dict, budget: int) -> dict:
     return {"profile_s": time.perf_counter() - t, "predicted_ms": simulate(plan, costs).total_s * 1e3,
             "solver_predicted_ms": plan.predicted_s * 1e3 if plan.predicted_s is not None else None,
             "compute_ms": costs.compute_s * 1e3, "link_bytes_per_s": costs.link.bandwidth_bytes_per_s,
-            "link_kind": costs.link.kind, "program_weight_bytes": weights, "must_stream_bytes": must_stream,
+            "link_overhead_us": costs.link.overhead_s * 1e6, "link_kind": costs.link.kind, "program_weight_bytes": weights, "must_stream_bytes": must_stream,
             "activation_bytes": plan.activation_bytes, "fixed_bytes": plan.fixed_bytes,
             "relaxation_bound_ms": relaxation_ms, "wait_ms": costs.wait_s * 1e3,
             "link_busy_factor": costs.link_busy_factor}
@@ -586,7 +586,8 @@ def main(argv=None) -> int:
         if r.get("plan"):
             print(f"plan {where}: {r['plan']}" + (f"; {r['note']}" if r.get("note") else ""))
         if "link_busy_factor" in r:
-            print(f"costs {where}: link {r['link_bytes_per_s'] / 1e9:.2f} GB/s idle, x{r['link_busy_factor']:.3f} "
+            print(f"costs {where}: link ({r['link_kind']}) {r['link_bytes_per_s'] / 1e9:.2f} GB/s idle + "
+                  f"{r.get('link_overhead_us', float('nan')):.2f} us a copy, x{r['link_busy_factor']:.3f} "
                   f"beside compute; compute {r['compute_ms']:.2f} ms; predicted {r['predicted_ms']:.2f} ms")
     for (m, f), b in sorted(bounds.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if f is not None:

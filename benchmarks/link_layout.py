@@ -9,6 +9,10 @@ Prints the machine's NUMA nodes, the GPU's NUMA affinity (`nvidia-smi topo -m`),
 - 1 GiB registered, copied in 1-8 MiB pieces whose sources lie 512 B or 4 KiB apart or back to back, the
   destinations 512 B apart, and the pieces alternating between two copy streams (GB/s, median of the last
   three of four passes).
+- per copy size (16 KiB to 16 MiB): microseconds a copy takes in a queue of copies back to back, launched
+  from Python and replayed from a CUDA graph, and in a graph whose copies each wait for an event recorded on
+  another stream (as a streamed call's loads wait for releases); then overhead + bytes / bandwidth fitted
+  to each column, as `costs.measure_link` fits the launched one.
 Each piece is its own `copy_` launched from Python, so small pieces also measure the host's launch rate;
 a CUDA graph replays copies without it.
 """
@@ -73,6 +77,73 @@ def rate(src: torch.Tensor, dst: torch.Tensor, piece: int, src_gap: int = 0, dst
     return rest[len(rest) // 2]
 
 
+def queued_us(src: torch.Tensor, dst: torch.Tensor, size: int, mode: str, repeats: int = 5) -> float:
+    """Microseconds per copy of `size` bytes in a queue of copies back to back on one stream: "launched"
+    (each `copy_` from Python), "graph" (the queue replayed from a CUDA graph) or "graph+waits" (each copy
+    in the graph first waits for an event recorded on a second stream)."""
+    count = max(8, min(256, (256 << 20) // size))
+    copy, other = torch.cuda.Stream(), torch.cuda.Stream()
+    marks = [torch.cuda.Event() for _ in range(count)]
+
+    def queue() -> None:
+        for i in range(count):
+            if mode == "graph+waits":
+                marks[i].record(other)
+                copy.wait_event(marks[i])
+            dst[i * size:(i + 1) * size].copy_(src[i * size:(i + 1) * size], non_blocking=True)
+
+    def enqueue(run) -> None:
+        cur = torch.cuda.current_stream()
+        copy.wait_stream(cur)
+        other.wait_stream(cur)
+        with torch.cuda.stream(copy):
+            run()
+        cur.wait_stream(copy)
+        cur.wait_stream(other)
+
+    run = queue
+    if mode != "launched":
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph, stream=side):
+                enqueue(queue)
+        run = graph.replay
+    times = []
+    for _ in range(repeats + 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        if mode == "launched":
+            enqueue(run)
+        else:
+            run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / count)
+    rest = sorted(times[1:])
+    return rest[len(rest) // 2]
+
+
+def fit(sizes: list[int], us: list[float]) -> tuple[float, float]:
+    """Least-squares overhead (us) and bandwidth (GB/s) of us = overhead + size / bandwidth."""
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(us) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, us)) / sum((x - mx) ** 2 for x in sizes)
+    return my - slope * mx, 1e-3 / slope
+
+
+def per_copy_table(src: torch.Tensor, dst: torch.Tensor) -> None:
+    sizes = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
+    modes = ["launched", "graph", "graph+waits"]
+    cols = {m: [queued_us(src, dst, s, m) for s in sizes] for m in modes}
+    print("\n| copy size | " + " | ".join(f"{m} us/copy" for m in modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    for i, s in enumerate(sizes):
+        print(f"| {s >> 10} KiB | " + " | ".join(f"{cols[m][i]:.2f}" for m in modes) + " |")
+    print("| fitted overhead us, GB/s | " + " | ".join(
+        "{:.2f}, {:.1f}".format(*fit(sizes, cols[m])) for m in modes) + " |")
+
+
 def main() -> None:
     nodes = cpu_lists()
     print("NUMA nodes (first CPUs, count):", {k: (v[:3], len(v)) for k, v in nodes.items()})
@@ -102,6 +173,7 @@ def main() -> None:
         row = [rate(src, dst, piece, 512), rate(src, dst, piece, 4096), rate(src, dst, piece),
                rate(src, dst, piece, streams=two), rate(src, dst, piece, dst_gap=512)]
         print(f"| {piece >> 20} MiB | " + " | ".join(f"{r:.1f}" for r in row) + " |")
+    per_copy_table(src, dst)
 
 
 if __name__ == "__main__":

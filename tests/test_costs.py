@@ -60,6 +60,23 @@ def test_measure_link_on_the_cpu():
     assert link.seconds(2**20) > 0
 
 
+def test_a_graphed_link_is_refused_on_the_cpu():
+    with pytest.raises(FlashmemError, match="graphed=True.*CPU"):
+        measure_link(torch.device("cpu"), graphed=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphed", [False, True])
+def test_measure_link_on_cuda(graphed):
+    link = measure_link(torch.device("cuda"), repeats=2, graphed=graphed)
+    assert link.kind.endswith("graph replays") == graphed
+    assert link.bandwidth_bytes_per_s > 0 and link.overhead_s >= 0
+    # the probe's capture is closed: copies and kernels run again as usual
+    x = torch.arange(1000, dtype=torch.float32).pin_memory()
+    assert torch.equal(x.to("cuda", non_blocking=True).cpu() * 2, x * 2)
+    assert not torch.cuda.is_current_stream_capturing()
+
+
 def test_measure_the_mapped_link_on_the_cpu():
     # The mapped runtime's link: pages of a file in the page cache faulted into a mapping, and dropped again.
     link = measure_link(torch.device("cpu"), repeats=2, mapped=True)

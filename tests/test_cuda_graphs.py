@@ -249,6 +249,7 @@ def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
         copies = sm._executor.mover.copy_intervals()
         assert copies and sum(n for _, _, n in copies) == sm.plan.streamed_bytes
         assert costs.link_busy_factor == copy_rate_factor(copies, costs.link)
+        assert costs.link.kind.endswith("graph replays")  # the link as a replay's copies run
         plan = sm.use_solver((refs["xs"][0],), kwargs, cache_dir=tmp_path)
         assert plan.status in ("optimal", "feasible", "fallback")
         replays = sm._graphs.replays

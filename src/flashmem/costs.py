@@ -82,7 +82,10 @@ CUDA_COPY_SIZES = COPY_SIZES + (256 * 2**20,)
 
 
 def _fit(sizes: list[int], seconds: list[float], kind: str) -> LinkCost:
-    slope, intercept = np.polyfit(np.array(sizes, dtype=float), np.array(seconds), 1)
+    """overhead + bytes / bandwidth, fitted to relative error: unweighted, the intercept (some microseconds)
+    would answer to the noise of the largest copies (milliseconds) and swing from 0 to 9 us between runs."""
+    y = np.array(seconds)
+    slope, intercept = np.polyfit(np.array(sizes, dtype=float), y, 1, w=1.0 / np.maximum(np.abs(y), 1e-9))
     return LinkCost(kind, float(1.0 / slope), float(max(intercept, 0.0)))
 
 
@@ -122,10 +125,15 @@ class _MappedProbe:
         self.tmp.cleanup()
 
 
-def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False) -> LinkCost:
+def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False, graphed: bool = False) -> LinkCost:
     """Time copies of several sizes (64 KiB to 256 MiB on CUDA, queued back to back; to 64 MiB on the CPU)
     over the device's weight link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the link of the mapped runtime,
-    pages of a file in the page cache faulted into a mapping, instead of `pread` copies."""
+    pages of a file in the page cache faulted into a mapping, instead of `pread` copies. `graphed` (CUDA):
+    the queue replayed from a CUDA graph, as a graphed call's copies run, so the overhead is the device's
+    own per copy (an H200: 2.8 us) and not the host's launch rate (9.8 us, a `copy_` from Python each)."""
+    if graphed and device.type != "cuda":
+        raise FlashmemError(f"measure_link(graphed=True) times CUDA graph replays; {device} has none: "
+                            "leave graphed False on the CPU")
     sizes, seconds = [], []
     if device.type == "cpu" and mapped:
         probe = _MappedProbe(max(COPY_SIZES))
@@ -151,17 +159,29 @@ def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False) -
             # Copies back to back, as a ring's loads go: the per-copy overhead is what one adds in a queue,
             # not the latency of a copy timed alone.
             batch = max(4, min(64, max(CUDA_COPY_SIZES) // n))
+
+            def queue(n=n, batch=batch) -> None:
+                for _ in range(batch):
+                    dst[:n].copy_(src[:n], non_blocking=True)
+
+            run = queue
+            if graphed:
+                graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+                    queue()
+                torch.cuda.current_stream(device).wait_stream(side)
+                run = graph.replay
             times = []
             for _ in range(repeats + 1):
                 start.record()
-                for _ in range(batch):
-                    dst[:n].copy_(src[:n], non_blocking=True)
+                run()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / 1e3 / batch)
             sizes.append(n)
             seconds.append(statistics.median(times[1:]))
-        return _fit(sizes, seconds, "pinned host to cuda")
+        return _fit(sizes, seconds, "pinned host to cuda" + (", graph replays" if graphed else ""))
     with tempfile.TemporaryDirectory(prefix="flashmem-link-") as tmp:
         path = os.path.join(tmp, "probe")
         with open(path, "wb") as f:
@@ -428,16 +448,19 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
                 moved = sum(bg.bytes_between(a, b) for a, b, _ in spans)
     finally:
         executor.profiling, executor.mover.serial = False, False
-    link = measure_link(sm.device, mapped=mapped)
+    program = sm.program
+    graphed = sm._graphs is not None and program.signature not in sm._graphs.refused  # the profile replayed a graph
+    link = measure_link(sm.device, mapped=mapped, graphed=graphed)
     if cuda:
-        factor = streamed_link_factor(sm, args, kwargs, link)
+        # A call's copies are timed on the device, between events: their reference is the device's own
+        # per-copy overhead, not the host's launch rate an eager call's queue may add.
+        device_link = link if graphed else measure_link(sm.device, graphed=True)
+        factor = streamed_link_factor(sm, args, kwargs, device_link)
     else:
         factor = link_busy_factor(idle, moved, calls * executor.plan.streamed_bytes,
                                   sum(b - a for a, b, _ in spans), sum(c for _, _, c in spans))
-    program = sm.program
     # Every profiled step carries the profile's own timing events and copy-stream wait; a call's step only
     # where its op waits for a load. They come off each step here, and `simulate` adds them back there.
-    graphed = sm._graphs is not None and program.signature not in sm._graphs.refused  # the profile replayed a graph
     wait = measure_wait(sm.device, graphed) if sm.device.type == "cuda" else 0.0
     quiet = [max(q - wait, 0.0) for q in quiet]
     busy = [max(b - wait, 0.0) for b in busy]
