@@ -127,61 +127,76 @@ class _MappedProbe:
 
 def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False, graphed: bool = False) -> LinkCost:
     """Time copies of several sizes (64 KiB to 256 MiB on CUDA, queued back to back; to 64 MiB on the CPU)
-    over the device's weight link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the link of the mapped runtime,
-    pages of a file in the page cache faulted into a mapping, instead of `pread` copies. `graphed` (CUDA):
-    the queue replayed from a CUDA graph, as a graphed call's copies run, so the overhead is the device's
-    own per copy (an H200: 2.8 us) and not the host's launch rate (9.8 us, a `copy_` from Python each)."""
+    over the device's weight link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the
+    link of the mapped runtime, pages of a file in the page cache faulted into a mapping, instead of `pread`
+    copies. `graphed` (CUDA): the queue replayed from a CUDA graph, as a graphed call's copies run, so the
+    overhead is the device's own per copy (an H200: 2.8 us) and not the host's launch rate (9.8 us, a
+    `copy_` from Python each)."""
     if graphed and device.type != "cuda":
         raise FlashmemError(f"measure_link(graphed=True) times CUDA graph replays; {device} has none: "
                             "leave graphed False on the CPU")
-    sizes, seconds = [], []
-    if device.type == "cpu" and mapped:
-        probe = _MappedProbe(max(COPY_SIZES))
-        try:
-            probe.populate(probe.nbytes)  # page cache warm, as for weights read every call
-            for n in COPY_SIZES:
-                times = []
-                for _ in range(repeats + 1):
-                    probe.drop()
-                    t0 = time.perf_counter()
-                    probe.populate(n)
-                    times.append(time.perf_counter() - t0)
-                sizes.append(n)
-                seconds.append(statistics.median(times[1:]))
-        finally:
-            probe.close()
-        return _fit(sizes, seconds, "pages of the page cache faulted into a mapping")
     if device.type == "cuda":
-        src = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8).pin_memory()
-        dst = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8, device=device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for n in CUDA_COPY_SIZES:
-            # Copies back to back, as a ring's loads go: the per-copy overhead is what one adds in a queue,
-            # not the latency of a copy timed alone.
-            batch = max(4, min(64, max(CUDA_COPY_SIZES) // n))
+        return _measure_cuda_link(device, repeats, graphed)
+    if mapped:
+        return _measure_mapped_link(repeats)
+    return _measure_pread_link(repeats)
 
-            def queue(n=n, batch=batch) -> None:
-                for _ in range(batch):
-                    dst[:n].copy_(src[:n], non_blocking=True)
 
-            run = queue
-            if graphed:
-                graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-                    queue()
-                torch.cuda.current_stream(device).wait_stream(side)
-                run = graph.replay
+def _measure_mapped_link(repeats: int) -> LinkCost:
+    sizes, seconds = [], []
+    probe = _MappedProbe(max(COPY_SIZES))
+    try:
+        probe.populate(probe.nbytes)  # page cache warm, as for weights read every call
+        for n in COPY_SIZES:
             times = []
             for _ in range(repeats + 1):
-                start.record()
-                run()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3 / batch)
+                probe.drop()
+                t0 = time.perf_counter()
+                probe.populate(n)
+                times.append(time.perf_counter() - t0)
             sizes.append(n)
             seconds.append(statistics.median(times[1:]))
-        return _fit(sizes, seconds, "pinned host to cuda" + (", graph replays" if graphed else ""))
+    finally:
+        probe.close()
+    return _fit(sizes, seconds, "pages of the page cache faulted into a mapping")
+
+
+def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool) -> LinkCost:
+    sizes, seconds = [], []
+    src = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8).pin_memory()
+    dst = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for n in CUDA_COPY_SIZES:
+        # Copies back to back, as a ring's loads go: the per-copy overhead is what one adds in a queue,
+        # not the latency of a copy timed alone.
+        batch = max(4, min(64, max(CUDA_COPY_SIZES) // n))
+
+        def queue(n=n, batch=batch) -> None:
+            for _ in range(batch):
+                dst[:n].copy_(src[:n], non_blocking=True)
+
+        run = queue
+        if graphed:
+            graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+                queue()
+            torch.cuda.current_stream(device).wait_stream(side)
+            run = graph.replay
+        times = []
+        for _ in range(repeats + 1):
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / batch)
+        sizes.append(n)
+        seconds.append(statistics.median(times[1:]))
+    return _fit(sizes, seconds, "pinned host to cuda" + (", graph replays" if graphed else ""))
+
+
+def _measure_pread_link(repeats: int) -> LinkCost:
+    sizes, seconds = [], []
     with tempfile.TemporaryDirectory(prefix="flashmem-link-") as tmp:
         path = os.path.join(tmp, "probe")
         with open(path, "wb") as f:
