@@ -1,7 +1,8 @@
 """Costs: the measured numbers the planner predicts with.
 
 - `LinkCost`: the link weights move over (pinned host-to-device copies on CUDA, `pread` from storage on
-  the CPU), as a per-copy overhead plus bytes over bandwidth, fitted to copies of several sizes.
+  the CPU), as a per-copy overhead plus bytes over bandwidth, fitted to copies of several sizes (for a plan
+  that replays CUDA graphs, copies replayed from one: the device's own overhead, not the host's launches).
 - `StepCost`: per step (op i's entry to op i + 1's entry), the compute time with nothing moving beside it
   and the slowdown while a transfer runs beside it, measured per op class rather than assumed: copy
   engines barely disturb a discrete GPU, an IO thread on a 2-core CPU does.
