@@ -12,7 +12,7 @@ Prints the machine's NUMA nodes, the GPU's NUMA affinity (`nvidia-smi topo -m`),
 - per copy size (16 KiB to 16 MiB): microseconds a copy takes in a queue of copies back to back, launched
   from Python and replayed from a CUDA graph, and in a graph whose copies each wait for an event recorded on
   another stream (as a streamed call's loads wait for releases); then overhead + bytes / bandwidth fitted
-  to each column, as `costs.measure_link` fits the launched one.
+  to each column by `costs._fit`, as `costs.measure_link` fits its copies.
 Each piece is its own `copy_` launched from Python, so small pieces also measure the host's launch rate;
 a CUDA graph replays copies without it.
 """
@@ -24,6 +24,8 @@ import os
 import subprocess
 
 import torch
+
+from flashmem.costs import _fit
 
 
 def cpu_lists() -> dict[int, list[int]]:
@@ -124,14 +126,6 @@ def queued_us(src: torch.Tensor, dst: torch.Tensor, size: int, mode: str, repeat
     return rest[len(rest) // 2]
 
 
-def fit(sizes: list[int], us: list[float]) -> tuple[float, float]:
-    """Least-squares overhead (us) and bandwidth (GB/s) of us = overhead + size / bandwidth."""
-    n = len(sizes)
-    mx, my = sum(sizes) / n, sum(us) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, us)) / sum((x - mx) ** 2 for x in sizes)
-    return my - slope * mx, 1e-3 / slope
-
-
 def per_copy_table(src: torch.Tensor, dst: torch.Tensor) -> None:
     sizes = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
     modes = ["launched", "graph", "graph+waits"]
@@ -140,8 +134,9 @@ def per_copy_table(src: torch.Tensor, dst: torch.Tensor) -> None:
     print("|---|" + "---|" * len(modes))
     for i, s in enumerate(sizes):
         print(f"| {s >> 10} KiB | " + " | ".join(f"{cols[m][i]:.2f}" for m in modes) + " |")
+    fits = [_fit(sizes, [us * 1e-6 for us in cols[m]], m) for m in modes]
     print("| fitted overhead us, GB/s | " + " | ".join(
-        "{:.2f}, {:.1f}".format(*fit(sizes, cols[m])) for m in modes) + " |")
+        f"{f.overhead_s * 1e6:.2f}, {f.bandwidth_bytes_per_s / 1e9:.1f}" for f in fits) + " |")
 
 
 def main() -> None:

@@ -143,36 +143,45 @@ def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False, g
     return _measure_pread_link(repeats)
 
 
+def _fit_medians(sizes: tuple[int, ...], timer, repeats: int, kind: str) -> LinkCost:
+    """`_fit` to the median of `repeats` passes per size (one more first, to warm up); `timer(n)` gives a
+    function that times one pass of `n` bytes, in seconds."""
+    seconds = []
+    for n in sizes:
+        once = timer(n)
+        seconds.append(statistics.median([once() for _ in range(repeats + 1)][1:]))
+    return _fit(list(sizes), seconds, kind)
+
+
 def _measure_mapped_link(repeats: int) -> LinkCost:
-    sizes, seconds = [], []
     probe = _MappedProbe(max(COPY_SIZES))
     try:
         probe.populate(probe.nbytes)  # page cache warm, as for weights read every call
-        for n in COPY_SIZES:
-            times = []
-            for _ in range(repeats + 1):
+
+        def timer(n: int):
+            def once() -> float:
                 probe.drop()
                 t0 = time.perf_counter()
                 probe.populate(n)
-                times.append(time.perf_counter() - t0)
-            sizes.append(n)
-            seconds.append(statistics.median(times[1:]))
+                return time.perf_counter() - t0
+            return once
+
+        return _fit_medians(COPY_SIZES, timer, repeats, "pages of the page cache faulted into a mapping")
     finally:
         probe.close()
-    return _fit(sizes, seconds, "pages of the page cache faulted into a mapping")
 
 
 def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool) -> LinkCost:
-    sizes, seconds = [], []
     src = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8).pin_memory()
     dst = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8, device=device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for n in CUDA_COPY_SIZES:
+
+    def timer(n: int):
         # Copies back to back, as a ring's loads go: the per-copy overhead is what one adds in a queue,
         # not the latency of a copy timed alone.
         batch = max(4, min(64, max(CUDA_COPY_SIZES) // n))
 
-        def queue(n=n, batch=batch) -> None:
+        def queue() -> None:
             for _ in range(batch):
                 dst[:n].copy_(src[:n], non_blocking=True)
 
@@ -184,20 +193,19 @@ def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool) -> Lin
                 queue()
             torch.cuda.current_stream(device).wait_stream(side)
             run = graph.replay
-        times = []
-        for _ in range(repeats + 1):
+
+        def once() -> float:
             start.record()
             run()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / batch)
-        sizes.append(n)
-        seconds.append(statistics.median(times[1:]))
-    return _fit(sizes, seconds, "pinned host to cuda" + (", graph replays" if graphed else ""))
+            return start.elapsed_time(end) / 1e3 / batch
+        return once
+
+    return _fit_medians(CUDA_COPY_SIZES, timer, repeats, "pinned host to cuda" + (", graph replays" if graphed else ""))
 
 
 def _measure_pread_link(repeats: int) -> LinkCost:
-    sizes, seconds = [], []
     with tempfile.TemporaryDirectory(prefix="flashmem-link-") as tmp:
         path = os.path.join(tmp, "probe")
         with open(path, "wb") as f:
@@ -206,17 +214,17 @@ def _measure_pread_link(repeats: int) -> LinkCost:
         try:
             buf = np.empty(max(COPY_SIZES), dtype=np.uint8)
             pread_into(fd, 0, memoryview(buf))  # page cache warm, as for weights read every call
-            for n in COPY_SIZES:
-                times = []
-                for _ in range(repeats + 1):
+
+            def timer(n: int):
+                def once() -> float:
                     t0 = time.perf_counter()
                     pread_into(fd, 0, memoryview(buf)[:n])
-                    times.append(time.perf_counter() - t0)
-                sizes.append(n)
-                seconds.append(statistics.median(times[1:]))
+                    return time.perf_counter() - t0
+                return once
+
+            return _fit_medians(COPY_SIZES, timer, repeats, "pread from page cache into RAM")
         finally:
             os.close(fd)
-    return _fit(sizes, seconds, "pread from page cache into RAM")
 
 
 def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: int = 5) -> float:
