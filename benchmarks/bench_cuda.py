@@ -309,7 +309,8 @@ def child_measure(args) -> dict:
     if sm is not None:
         tail = fm_stats[-args.iters:]
         row["fm_wall_ms"] = statistics.median(s.wall_s for s in tail) * 1e3
-        row["fm_stall_ms"] = statistics.median(s.stall_s for s in tail) * 1e3
+        row["fm_stall_ms"] = (statistics.median(s.stall_s for s in tail) * 1e3
+                             if all(s.stall_s is not None for s in tail) else None)
         row["fm_peak_bytes"] = max(s.peak_bytes for s in fm_stats)
     if args.budget:
         # what the budget bounds: reserved memory grown over what the caller held before the model was set up

@@ -322,7 +322,7 @@ def child_measure(args) -> dict:
         plan, program = sm.plan, sm.program
         if args.cuda_graphs:
             row.update(replays=sm._graphs.replays, graph_refusals=list(sm.graph_refusals.values()))
-        row.update(streamed_bytes=stats.streamed_bytes, stall_ms=stats.stall_s * 1e3, fm_peak_bytes=stats.peak_bytes,
+        row.update(streamed_bytes=stats.streamed_bytes, stall_ms=None if stats.stall_s is None else stats.stall_s * 1e3, fm_peak_bytes=stats.peak_bytes,
                    status=plan.status, note=plan.note, plan=plan.summary(program), arena_bytes=plan.arena_bytes,
                    resident_bytes=plan.resident_bytes, n_ops=len(program.ops), solve_s=plan.solve_s)
         if cuda:

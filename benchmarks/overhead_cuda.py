@@ -9,7 +9,7 @@ weight bytes, where nothing streams, and at --budgets fractions), in one process
   wall_ms     median of --iters warm calls, synchronize before and after
   host_ms     median host time of the same calls (perf_counter from the call's entry to its return, no
               synchronize): where it is close to wall_ms, the GPU waits for the host (launch-bound)
-  stall_ms    flashmem's stats.stall_s (compute waiting for copies, from CUDA events)
+  stall_ms    flashmem's stats.stall_s (compute waiting for copies, from CUDA events; with --time-stalls)
   retries     caching-allocator retries per call (num_alloc_retries: it freed its cached blocks, with a
               device synchronize, to stay under the call's cap)
   mallocs     cudaMalloc calls per call (num_device_alloc); frees: cudaFree calls (num_device_free)
@@ -73,7 +73,7 @@ def measure(call, dev, iters: int, sm=None) -> dict:
             walls.append(time.perf_counter() - t)
             hosts.append(h)
             del out
-            if sm is not None and sm.stats is not None:
+            if sm is not None and sm.stats is not None and sm.stats.stall_s is not None:
                 stalls.append(sm.stats.stall_s)
     finally:
         torch.cuda.empty_cache = real_empty
@@ -124,9 +124,9 @@ def run_model(name: str, args) -> tuple[list[dict], str]:
             for variant in args.variant_list:
                 graphs = variant == "graphs"
                 model, _, _ = B.build(bargs)  # a closed StreamedModel keeps the model's weights
-                sm = flashmem.stream(model, budget, device=args.device, example_kwargs=inputs, cuda_graphs=graphs)
-                if args.no_marks:  # no per-op timing events (stall_ms then reads 0)
-                    sm._executor.mover.timing = False
+                debug = flashmem.DebugOptions(time_stalls=args.time_stalls)
+                sm = flashmem.stream(model, budget, device=args.device, example_kwargs=inputs, cuda_graphs=graphs,
+                                     debug=debug)
                 try:
                     row = dict(model=name, budget=f"{f:.0%}", budget_bytes=budget, graphs=graphs, **plan_counts(sm))
                     row.update(measure(lambda: sm(**inputs), dev, args.iters, sm))
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="eager,graphs", help="eager (hooks, one launch per kernel), graphs "
                    "(cuda_graphs=True; the resident row captured by hand), or both")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--no-marks", action="store_true", help="streamed rows time no op (only the call)")
+    p.add_argument("--time-stalls", action="store_true",
+                   help="streamed rows time every op's waits (DebugOptions.time_stalls: stall_ms; costs time)")
     p.add_argument("--device", default="cuda", help="cpu with --small: a logic check of this script")
     p.add_argument("--small", action="store_true", help="bench_mixed's tiny models")
     args = p.parse_args(argv)

@@ -108,6 +108,7 @@ def test_cuda_exact(case, fraction):
         stats = sm.stats
         assert stats.streamed_bytes == plan.streamed_bytes > 0
         assert plan.arena_bytes <= stats.peak_bytes <= budget
+        assert stats.stall_s is None  # no op is timed in a plain call (DebugOptions.time_stalls)
         with torch.no_grad():  # an input on the CPU is moved to the device; same signature, same plan
             assert torch.equal(out_of(sm(case["xs"][1].cpu())), case["refs"][1])
         assert len(sm._plans) == 1
@@ -435,9 +436,10 @@ def test_cuda_host_budget_read_failure_then_exact(monkeypatch):
 
 def test_cuda_poisoned_and_slow_copies_stay_exact(case):
     """Released arena bytes are filled with 0xFF (NaN) on the compute stream and every copy is held back on
-    the copy stream: a missing event wait would compute on NaN or on the previous weight."""
+    the copy stream: a missing event wait would compute on NaN or on the previous weight. Every op's waits
+    are timed too (time_stalls): held-back copies make compute wait."""
     budget = int(0.45 * case["nbytes"])
-    debug = flashmem.DebugOptions(poison=True, slow_copy_s=0.0002)
+    debug = flashmem.DebugOptions(poison=True, slow_copy_s=0.0002, time_stalls=True)
     for _ in range(3):
         try:
             sm = flashmem.stream(build(case["kind"]), budget, device="cuda", example_inputs=(case["xs"][0],),
@@ -449,6 +451,7 @@ def test_cuda_poisoned_and_slow_copies_stay_exact(case):
     try:
         assert sm.plan.loads
         assert_exact(sm, case)
+        assert 0 < sm.stats.stall_s <= sm.stats.wall_s
     finally:
         sm.close()
         settle()

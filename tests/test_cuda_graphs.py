@@ -107,7 +107,7 @@ def test_cuda_graphs_replays_are_exact_with_fresh_inputs_within_the_budget(refs)
         assert sm._graphs.replays >= 5 and sm.graph_refusals == {}
         stats = sm.stats
         assert stats.streamed_bytes == sm.plan.streamed_bytes > 0
-        assert 0 < stats.wall_s and 0 <= stats.stall_s <= stats.wall_s
+        assert 0 < stats.wall_s and stats.stall_s is None  # not timed: DebugOptions.time_stalls
         assert sm.plan.arena_bytes <= stats.peak_bytes <= budget
         held = sm._graphs.graph.held_bytes
         assert 0 < held <= budget - sm.plan.arena_bytes - sm.plan.fixed_bytes

@@ -4,7 +4,7 @@ computes, on a plan made (and checked) before the first call.
     import flashmem
     sm = flashmem.stream(model, "1GiB", device="cuda", example_inputs=(input_ids,))
     out = sm(input_ids)              # bit-identical to the model with every weight resident
-    sm.plan.to_json(); sm.stats      # the plan in use; the last call's peak_bytes, wall_s, stall_s
+    sm.plan.to_json(); sm.stats      # the plan in use; the last call's peak_bytes, wall_s, stall_s (CUDA: time_stalls)
 
 The data flows trace -> plan -> check -> run: `trace.py` records the ops and their weights,
 `plan.py` decides what stays resident and when each other weight loads, `check.py` validates the plan

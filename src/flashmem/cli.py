@@ -49,8 +49,9 @@ def cmd_run(args) -> int:
             console.print(f"output {tuple(logits.shape)}, argmax of the last position: "
                           f"{int(logits[0, -1].argmax())}")
     s = sm.stats
+    stalled = f", stalled {s.stall_s * 1e3:.1f} ms" if s.stall_s is not None else ""
     console.print(f"last call: {s.wall_s * 1e3:.1f} ms, peak {fmt_bytes(s.peak_bytes)}, "
-                  f"streamed {fmt_bytes(s.streamed_bytes)}, stalled {s.stall_s * 1e3:.1f} ms")
+                  f"streamed {fmt_bytes(s.streamed_bytes)}{stalled}")
     return 0
 
 

@@ -27,10 +27,15 @@ class DebugOptions:
     verify: on the CPU, check every load's bytes against a CRC-32 of the weight taken when it was first
         read from its file; bytes that differ (the file was rewritten, the storage returns other data)
         raise `CorruptWeights` instead of being computed with. Costs one pass over the streamed bytes.
+    time_stalls: on CUDA, time every op's wait for its loads with a pair of events, for
+        `CallStats.stall_s` (otherwise None there). A timing event beside a copy costs a call about 10 us
+        where it costs 4 alone (`benchmarks/slowdown_probe.py`); with these pairs in every call the fig6
+        queue took 1.460 s against 1.353 s without, on one H200 (BENCHMARKS.md).
     """
     poison: bool = False
     slow_copy_s: float = 0.0
     verify: bool = False
+    time_stalls: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class CallStats:
     peak_bytes: int  # device memory held by the call: arena, buffers and activations at their peak
     streamed_bytes: int  # weight bytes copied into the arena
     wall_s: float  # the call, from entry to its last kernel
-    stall_s: float  # time compute waited for weights
+    stall_s: float | None  # time compute waited for weights (CUDA: None unless DebugOptions.time_stalls)
 
 
 @dataclass(frozen=True)

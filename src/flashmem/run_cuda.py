@@ -77,7 +77,7 @@ def lift_allocator_cap(device: torch.device, saved: float | None) -> None:
 
 class CudaMover:
     def __init__(self, plan: Plan, store: HostStore, arena: torch.Tensor, device: torch.device,
-                 timing: bool = True, debug: DebugOptions = DebugOptions()):
+                 debug: DebugOptions = DebugOptions()):
         self.plan = plan
         self.debug = debug
         # torch.cuda._sleep spins for a number of cycles; the clock rate turns seconds into cycles.
@@ -93,13 +93,15 @@ class CudaMover:
         self.freed = [torch.cuda.Event() if j in awaited else None for j in range(n)]
         self._store = store
         self.groups = self._copy_groups(store)
-        self.timing = timing
+        # Every op's waits timed (`stats().stall_s`) in every call, not only in the profile's and timeline's:
+        # the events cost a call time beside its copies (DebugOptions.time_stalls).
+        self.timing = debug.time_stalls
         self.t_begin = timing_event()
         self.t_end = timing_event()
         self.call_start = torch.cuda.Event()
         # Per op, events before and after its waits: stall = before -> after; compute of step i = after
         # (op i) -> before (op i + 1).
-        self.marks = [(timing_event(), timing_event()) for _ in range(plan.n_ops)] if timing else []
+        self.marks = [(timing_event(), timing_event()) for _ in range(plan.n_ops)]
         self.marked: list[int] = []
         self._stats: CallStats | None = None
         self._pending = None
@@ -134,6 +136,12 @@ class CudaMover:
                           tuple(loads))
                          for d, s, n, loads in gs]
         return out
+
+    @property
+    def timed(self) -> bool:
+        """Whether a call now times each op's waits: with `time_stalls`, and in the profile's calls (serial)
+        and the measured timeline's (record_loads)."""
+        return self.timing or self.serial or self.record_loads
 
     # -- a call --------------------------------------------------------------------------------------
     def _cap(self) -> None:
@@ -211,14 +219,15 @@ class CudaMover:
             self.copy_tail.record(self.copy_stream)
 
     def wait(self, loads: tuple[int, ...], op: int) -> None:
-        if self.timing:
+        timed = self.timed
+        if timed:
             before, after = self.marks[op]
             before.record(self.compute)
         for j in loads:
             self.compute.wait_event(self.done[j])
         if self.serial:
             self.compute.wait_event(self.copy_tail)
-        if self.timing:
+        if timed:
             after.record(self.compute)
             self.marked.append(op)
 
@@ -240,7 +249,7 @@ class CudaMover:
         self.t_end.record(self.compute)
         held = self.plan.arena_bytes + self.plan.fixed_bytes
         activations = torch.cuda.max_memory_allocated(self.device) - self.alloc_start
-        self._pending = (held + max(activations, 0), self.streamed)
+        self._pending = (held + max(activations, 0), self.streamed, self.timed)
 
     def abort_call(self, keep: frozenset[int] = frozenset()) -> None:
         # `keep` needs nothing here: issued copies never overwrite bytes that running ops still read.
@@ -256,7 +265,8 @@ class CudaMover:
         if self._stats is None and self._pending is not None:
             self.t_end.synchronize()
             wall = self.t_begin.elapsed_time(self.t_end) / 1e3
-            stall = sum(self.marks[i][0].elapsed_time(self.marks[i][1]) for i in self.marked) / 1e3
+            stall = (sum(self.marks[i][0].elapsed_time(self.marks[i][1]) for i in self.marked) / 1e3
+                     if self._pending[2] else None)
             self._stats = CallStats(peak_bytes=self._pending[0], streamed_bytes=self._pending[1],
                                     wall_s=wall, stall_s=stall)
         return self._stats
@@ -327,8 +337,8 @@ class StagedCudaMover(CudaMover):
     READERS = 4  # several reads in flight: what storage needs to reach its rate
 
     def __init__(self, plan: Plan, store: StagedStore, arena: torch.Tensor, device: torch.device,
-                 timing: bool = True, debug: DebugOptions = DebugOptions()):
-        super().__init__(plan, store, arena, device, timing=timing, debug=debug)
+                 debug: DebugOptions = DebugOptions()):
+        super().__init__(plan, store, arena, device, debug=debug)
         self.store = store
         if plan.staging is None or plan.staging.ring_bytes > store.ring_bytes:
             raise FlashmemError("internal: a host-budget call needs a plan with the staging ring's layout")
@@ -367,13 +377,14 @@ class StagedCudaMover(CudaMover):
         pass  # the issuer thread issues every load, in order
 
     def wait(self, loads: tuple[int, ...], op: int) -> None:
-        if self.timing:
+        timed = self.timed
+        if timed:
             before, after = self.marks[op]
             before.record(self.compute)
         for j in loads:
             self._await(self.issued[j])
             self.compute.wait_event(self.done[j])
-        if self.timing:
+        if timed:
             after.record(self.compute)
             self.marked.append(op)
 
