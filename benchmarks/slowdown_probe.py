@@ -15,6 +15,9 @@ median of 7 replays, in microseconds per kernel:
   plain+graphcopy  the chain with copies of 2-8 MiB on a second stream inside the same graph, back to back
                    over the whole chain, as a streamed call's loads run beside its compute (the chain
                    timed by events around it, inside the graph)
+  events+graphcopy the same with an event pair around each kernel: is it the events that slow beside copies?
+Then the copy lane's rate, each copy timed by its own events, alone and beside the chain; and a streamed
+chain, each product waiting for its weight's copy (two slots), against max and sum of its copies and chain.
 The slowdowns print against the plain chain and against the events chain. Where events+thread over
 events is much larger than plain+graphcopy over plain, the profile's slowdown overstates what a streamed
 call's kernels lose.
@@ -66,6 +69,16 @@ def per_kernel_us(graph: torch.cuda.CUDAGraph, kernels: int, replays: int = 7) -
     return statistics.median(times[1:])
 
 
+def inner_per_kernel(graph: torch.cuda.CUDAGraph, inner: tuple, kernels: int, replays: int = 7) -> float:
+    """Median over replays of the time between the graph's own `inner` events, per kernel, in us."""
+    times = []
+    for _ in range(replays + 1):
+        graph.replay()
+        inner[1].synchronize()
+        times.append(inner[0].elapsed_time(inner[1]) * 1e3 / kernels)
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=int, default=1024)
@@ -89,30 +102,70 @@ def main() -> None:
     n_copies = max(4, int(1.5 * chain_s * 55e9 / (sum(sizes) / len(sizes))) + 2)
     inner = (timing_event(), timing_event())
 
-    def with_copies() -> None:
+    copy_marks = [(timing_event(), timing_event()) for _ in range(n_copies)]
+
+    def copies(timed: bool) -> None:
+        for i in range(n_copies):
+            n = sizes[i % len(sizes)]
+            if timed:
+                copy_marks[i][0].record()
+            dst[:n].copy_(src[:n], non_blocking=True)
+            if timed:
+                copy_marks[i][1].record()
+
+    def with_copies(chain_marks=None, timed_copies: bool = False) -> None:
         copy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(copy_stream):
-            for i in range(n_copies):
-                n = sizes[i % len(sizes)]
-                dst[:n].copy_(src[:n], non_blocking=True)
+            copies(timed_copies)
         inner[0].record()
-        chain(x, weights, None)
+        chain(x, weights, chain_marks)
         inner[1].record()
         torch.cuda.current_stream().wait_stream(copy_stream)
 
     graphs = {"plain": capture(lambda: chain(x, weights, None)),
               "events": capture(lambda: chain(x, weights, marks))}
     rows = {name: per_kernel_us(g, args.kernels) for name, g in graphs.items()}
-    beside = capture(with_copies)
-    times = []
-    for _ in range(8):
-        beside.replay()
-        inner[1].synchronize()
-        times.append(inner[0].elapsed_time(inner[1]) * 1e3 / args.kernels)
-    rows["plain+graphcopy"] = statistics.median(times[1:])
+    rows["plain+graphcopy"] = inner_per_kernel(capture(with_copies), inner, args.kernels)
+    rows["events+graphcopy"] = inner_per_kernel(capture(lambda: with_copies(marks)), inner, args.kernels)
     copies_alone = capture(lambda: [dst[:sizes[i % 3]].copy_(src[:sizes[i % 3]], non_blocking=True)
                                     for i in range(n_copies)])
     copies_us = per_kernel_us(copies_alone, args.kernels)
+    # the copy lane's rate, each copy timed by its own event pair: alone, and beside the plain chain
+    moved = sum(sizes[i % len(sizes)] for i in range(n_copies))
+    rates = {}
+    for name, graph in (("copies alone, each timed", capture(lambda: copies(True))),
+                        ("copies beside the chain, each timed", capture(lambda: with_copies(None, True)))):
+        spans = []
+        for _ in range(8):
+            graph.replay()
+            torch.cuda.synchronize()
+            spans.append(sum(a.elapsed_time(b) for a, b in copy_marks) / 1e3)
+        rates[name] = moved / statistics.median(spans[1:]) / 1e9
+    # a streamed chain: kernel i waits for copy i (its weight's bytes into one of two slots), as a call's
+    # ops wait for their loads; its time against the chain alone and the copies alone
+    slots = [torch.empty(w.numel() * 2, dtype=torch.uint8, device=dev) for w in weights[:2]]
+    host = [torch.empty(w.numel() * 2, dtype=torch.uint8).pin_memory() for w in weights[:2]]
+    landed = [torch.cuda.Event() for _ in weights]
+    freed = [torch.cuda.Event() for _ in weights]
+
+    def streamed() -> None:
+        compute = torch.cuda.current_stream()
+        copy_stream.wait_stream(compute)
+        h = x
+        for i, w in enumerate(weights):
+            with torch.cuda.stream(copy_stream):
+                if i >= 2:
+                    copy_stream.wait_event(freed[i - 2])
+                slots[i % 2].copy_(host[i % 2], non_blocking=True)
+                landed[i].record(copy_stream)
+            compute.wait_event(landed[i])
+            h = torch.nn.functional.linear(h, w)
+            freed[i].record(compute)
+        compute.wait_stream(copy_stream)
+
+    streamed_us = per_kernel_us(capture(streamed), args.kernels)
+    weight_copies = capture(lambda: [slots[i % 2].copy_(host[i % 2], non_blocking=True) for i in range(args.kernels)])
+    weight_copies_us = per_kernel_us(weight_copies, args.kernels)
     with BackgroundTransfer(dev):
         rows["plain+thread"] = per_kernel_us(graphs["plain"], args.kernels)
         rows["events+thread"] = per_kernel_us(graphs["events"], args.kernels)
@@ -121,9 +174,17 @@ def main() -> None:
           f"the chain's {rows['plain'] * args.kernels / 1e3:.3f} ms")
     print("\n| mode | us per kernel | x plain | x events |")
     print("|---|---|---|---|")
-    for name in ("plain", "events", "plain+thread", "events+thread", "plain+graphcopy"):
+    for name in ("plain", "events", "plain+thread", "events+thread", "plain+graphcopy", "events+graphcopy"):
         us = rows[name]
         print(f"| {name} | {us:.2f} | {us / rows['plain']:.3f} | {us / rows['events']:.3f} |")
+    print("\n| copy lane | GB/s |")
+    print("|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} |")
+    floor = max(weight_copies_us, rows["plain"])
+    print(f"\nstreamed chain (each product waits for its weight's copy, two slots): {streamed_us:.2f} us per "
+          f"kernel; its copies alone {weight_copies_us:.2f}, the chain alone {rows['plain']:.2f}: "
+          f"{streamed_us / floor:.3f}x their max, {streamed_us / (weight_copies_us + rows['plain']):.3f}x their sum")
     if copies_us * args.kernels < rows["plain+graphcopy"] * args.kernels:
         print("\n(the graph's copies ended before its chain did: part of plain+graphcopy ran beside an idle link)")
 
