@@ -93,8 +93,8 @@ class CudaMover:
         self.freed = [torch.cuda.Event() if j in awaited else None for j in range(n)]
         self._store = store
         self.groups = self._copy_groups(store)
-        # Every op's waits timed (`stats().stall_s`) in every call, not only in the profile's and timeline's:
-        # the events cost a call time beside its copies (DebugOptions.time_stalls).
+        # True: every call times each op's waits (`stats().stall_s`). Otherwise only the profile's and the
+        # measured timeline's calls do: the events cost a call time beside its copies (DebugOptions.time_stalls).
         self.timing = debug.time_stalls
         self.t_begin = timing_event()
         self.t_end = timing_event()
