@@ -127,9 +127,7 @@ def main() -> None:
     rows = {name: per_kernel_us(g, args.kernels) for name, g in graphs.items()}
     rows["plain+graphcopy"] = inner_per_kernel(capture(with_copies), inner, args.kernels)
     rows["events+graphcopy"] = inner_per_kernel(capture(lambda: with_copies(marks)), inner, args.kernels)
-    copies_alone = capture(lambda: [dst[:sizes[i % 3]].copy_(src[:sizes[i % 3]], non_blocking=True)
-                                    for i in range(n_copies)])
-    copies_us = per_kernel_us(copies_alone, args.kernels)
+    copies_us = per_kernel_us(capture(lambda: copies(False)), args.kernels)
     # the copy lane's rate, each copy timed by its own event pair: alone, and beside the plain chain
     moved = sum(sizes[i % len(sizes)] for i in range(n_copies))
     rates = {}
