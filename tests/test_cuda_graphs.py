@@ -245,6 +245,8 @@ def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
         costs = profile(sm, (refs["xs"][0],), kwargs)
         assert len(costs.steps) == len(sm.program.ops) and all(s.compute_s > 0 for s in costs.steps)
         assert sm._graphs.replays > 0  # the profile's calls were replays of a profiling graph
+        # one device-wide slowdown, from kernel chains beside copies (costs.measure_kernel_slowdown)
+        assert len({s.slowdown for s in costs.steps}) == 1 and 1.0 <= costs.steps[0].slowdown < 1.5
         # The link's rate beside compute comes from the timed copies of one streamed call (its last).
         copies = sm._executor.mover.copy_intervals()
         assert copies and sum(n for _, _, n in copies) == sm.plan.streamed_bytes
