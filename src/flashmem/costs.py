@@ -128,18 +128,20 @@ class _MappedProbe:
         self.tmp.cleanup()
 
 
-def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False, graphed: bool = False) -> LinkCost:
+def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False, graphed: bool = False,
+                 dst: torch.Tensor | None = None) -> LinkCost:
     """Time copies of several sizes (64 KiB to 256 MiB on CUDA, queued back to back; to 64 MiB on the CPU)
     over the device's weight link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the
     link of the mapped runtime, pages of a file in the page cache faulted into a mapping, instead of `pread`
     copies. `graphed` (CUDA): the queue replayed from a CUDA graph, as a graphed call's copies run, so the
     overhead is the device's own per copy (an H200: 2.8 us) and not the host's launch rate (9.8 us, a
-    `copy_` from Python each)."""
+    `copy_` from Python each). `dst` (CUDA): a uint8 device tensor the copies land in, sizes up to its
+    length, instead of a 256 MiB buffer of their own (the profile passes memory its budget already holds)."""
     if graphed and device.type != "cuda":
         raise FlashmemError(f"measure_link(graphed=True) times CUDA graph replays; {device} has none: "
                             "leave graphed False on the CPU")
     if device.type == "cuda":
-        return _measure_cuda_link(device, repeats, graphed)
+        return _measure_cuda_link(device, repeats, graphed, dst)
     if mapped:
         return _measure_mapped_link(repeats)
     return _measure_pread_link(repeats)
@@ -173,9 +175,18 @@ def _measure_mapped_link(repeats: int) -> LinkCost:
         probe.close()
 
 
-def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool) -> LinkCost:
-    src = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8).pin_memory()
-    dst = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8, device=device)
+def _copy_sizes(cap: int) -> tuple[int, ...]:
+    """CUDA_COPY_SIZES up to `cap` bytes, and `cap` itself: at least two sizes to fit a line to."""
+    sizes = tuple(n for n in CUDA_COPY_SIZES if n < cap) + (cap,)
+    return sizes if len(sizes) >= 2 else (max(cap // 2, 1), cap)
+
+
+def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool, dst: torch.Tensor | None) -> LinkCost:
+    cap = max(CUDA_COPY_SIZES) if dst is None else min(dst.numel(), max(CUDA_COPY_SIZES))
+    sizes = _copy_sizes(cap)
+    src = torch.empty(cap, dtype=torch.uint8).pin_memory()
+    if dst is None:
+        dst = torch.empty(cap, dtype=torch.uint8, device=device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def timer(n: int):
@@ -204,7 +215,7 @@ def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool) -> Lin
             return start.elapsed_time(end) / 1e3 / batch
         return once
 
-    return _fit_medians(CUDA_COPY_SIZES, timer, repeats, "pinned host to cuda" + (", graph replays" if graphed else ""))
+    return _fit_medians(sizes, timer, repeats, "pinned host to cuda" + (", graph replays" if graphed else ""))
 
 
 def _measure_pread_link(repeats: int) -> LinkCost:
@@ -522,6 +533,20 @@ def streamed_link_factor(sm, args: tuple, kwargs: dict, link: LinkCost) -> float
     return copy_rate_factor(sm._executor.mover.copy_intervals(), link)
 
 
+SCRATCH_MIN_BYTES = 2**20  # a ring smaller than this fits the link too poorly: the probe takes its own buffer
+
+
+def _scratch(sm) -> torch.Tensor | None:
+    """CUDA, between calls: the arena's ring, device bytes the budget already holds, for the link's probe
+    copies to land in (every call loads what it streams there again before use, as
+    `CudaMover.copies_alone_s` relies on). None where the plan streams less than SCRATCH_MIN_BYTES: the
+    probe then allocates its own 256 MiB, beside the budget (the activations' room may hold a graph's
+    pool)."""
+    plan = sm._executor.plan
+    ring = sm._arena[plan.resident_bytes:plan.arena_bytes]
+    return ring if ring.numel() >= SCRATCH_MIN_BYTES else None
+
+
 def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     """Measure `sm`'s per-step compute for this input, its slowdown beside a transfer (on the CPU per op
     class, from a pass beside background reads; on CUDA `measure_kernel_slowdown`), the link, and the link's
@@ -558,11 +583,13 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
         executor.profiling, executor.mover.serial = False, False
     program = sm.program
     graphed = sm._graphs is not None and program.signature not in sm._graphs.refused  # the profile replayed a graph
-    link = measure_link(sm.device, mapped=mapped, graphed=graphed)
+    scratch = _scratch(sm) if cuda else None
+    link = measure_link(sm.device, mapped=mapped, graphed=graphed, dst=scratch)
     if cuda:
         # A call's copies are timed on the device, between events: their reference is the device's own
         # per-copy overhead, not the host's launch rate an eager call's queue may add.
-        device_link = link if graphed else measure_link(sm.device, graphed=True)
+        device_link = link if graphed else measure_link(sm.device, graphed=True, dst=scratch)
+        del scratch
         factor = streamed_link_factor(sm, args, kwargs, device_link)
     else:
         factor = link_busy_factor(idle, moved, calls * executor.plan.streamed_bytes,
