@@ -321,6 +321,7 @@ def measure_kernel_slowdown(device: torch.device, scratch_bytes: int = 128 * 2**
 
     Device memory: at most `scratch_bytes` (the profile passes what the budget leaves beside the arena, the
     activations' room between calls), given back to the device when done; the graphs allocate nothing."""
+    torch.cuda.empty_cache()  # the calls' cached activation blocks go first: the room is the chain's alone
     try:
         return _kernel_slowdown(device, scratch_bytes, repeats)
     finally:
