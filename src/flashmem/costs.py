@@ -331,8 +331,9 @@ def measure_kernel_slowdown(device: torch.device, scratch_bytes: int = 128 * 2**
 def _kernel_slowdown(device: torch.device, scratch_bytes: int, repeats: int) -> float:
     from .run_cuda import timing_event
 
-    big = torch.zeros(min(max(scratch_bytes // 2, 2**20), 64 * 2**20) // 2, dtype=torch.float16, device=device)
-    chunk = min(max(scratch_bytes // 8, 64 * 2**10), 8 * 2**20)
+    # at most 5/8 of the scratch (floors of 64 and 16 KiB, for a toy model's room)
+    big = torch.zeros(min(max(scratch_bytes // 2, 64 * 2**10), 64 * 2**20) // 2, dtype=torch.float16, device=device)
+    chunk = min(max(scratch_bytes // 8, 16 * 2**10), 8 * 2**20)
     src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
     dst = torch.empty(chunk, dtype=torch.uint8, device=device)
     copy_stream = torch.cuda.Stream(device)
