@@ -242,9 +242,18 @@ def test_cuda_graphs_profile_and_solver_plan_on_replays(refs, tmp_path):
     sm = stream_graphed(refs)
     try:
         kwargs = {}
+        torch.cuda.synchronize()
+        held_before = torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
         costs = profile(sm, (refs["xs"][0],), kwargs)
+        # the profile's probes stay within what the budget leaves beside the arena (the link's copies land in
+        # the ring, the slowdown's chain in the activations' room)
+        plan = sm.plan
+        assert torch.cuda.max_memory_reserved() - held_before <= plan.budget_bytes - plan.arena_bytes - plan.fixed_bytes
         assert len(costs.steps) == len(sm.program.ops) and all(s.compute_s > 0 for s in costs.steps)
         assert sm._graphs.replays > 0  # the profile's calls were replays of a profiling graph
+        # one device-wide slowdown, from kernel chains beside copies (costs.measure_kernel_slowdown)
+        assert len({s.slowdown for s in costs.steps}) == 1 and 1.0 <= costs.steps[0].slowdown < 1.5
         # The link's rate beside compute comes from the timed copies of one streamed call (its last).
         copies = sm._executor.mover.copy_intervals()
         assert copies and sum(n for _, _, n in copies) == sm.plan.streamed_bytes

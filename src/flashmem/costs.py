@@ -4,8 +4,10 @@
   the CPU), as a per-copy overhead plus bytes over bandwidth, fitted to copies of several sizes (for a plan
   that replays CUDA graphs, copies replayed from one: the device's own overhead, not the host's launches).
 - `StepCost`: per step (op i's entry to op i + 1's entry), the compute time with nothing moving beside it
-  and the slowdown while a transfer runs beside it, measured per op class rather than assumed: copy
-  engines barely disturb a discrete GPU, an IO thread on a 2-core CPU does.
+  and the slowdown while a transfer runs beside it, measured rather than assumed: on the CPU per op class
+  (an IO thread on 2 cores competes with compute), on CUDA once per device on kernel chains with copies
+  beside them in one graph (`measure_kernel_slowdown`: copy engines barely disturb a discrete GPU, and
+  per-step timing events beside copies would time the events).
 - `CostModel`: both, for one model, input signature and device, on CUDA the time a step loses when its
   op waits for the copy stream (`wait_s`), and the other direction of the interference: the link's rate
   while ops compute beside it over its idle rate (`link_busy_factor`, measured per model and plan: on CUDA
@@ -126,18 +128,20 @@ class _MappedProbe:
         self.tmp.cleanup()
 
 
-def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False, graphed: bool = False) -> LinkCost:
+def measure_link(device: torch.device, repeats: int = 7, mapped: bool = False, graphed: bool = False,
+                 dst: torch.Tensor | None = None) -> LinkCost:
     """Time copies of several sizes (64 KiB to 256 MiB on CUDA, queued back to back; to 64 MiB on the CPU)
     over the device's weight link and fit overhead + bytes / bandwidth to the medians. `mapped` (CPU): the
     link of the mapped runtime, pages of a file in the page cache faulted into a mapping, instead of `pread`
     copies. `graphed` (CUDA): the queue replayed from a CUDA graph, as a graphed call's copies run, so the
     overhead is the device's own per copy (an H200: 2.8 us) and not the host's launch rate (9.8 us, a
-    `copy_` from Python each)."""
+    `copy_` from Python each). `dst` (CUDA): a uint8 device tensor the copies land in, sizes up to its
+    length, instead of a 256 MiB buffer of their own (the profile passes memory its budget already holds)."""
     if graphed and device.type != "cuda":
         raise FlashmemError(f"measure_link(graphed=True) times CUDA graph replays; {device} has none: "
                             "leave graphed False on the CPU")
     if device.type == "cuda":
-        return _measure_cuda_link(device, repeats, graphed)
+        return _measure_cuda_link(device, repeats, graphed, dst)
     if mapped:
         return _measure_mapped_link(repeats)
     return _measure_pread_link(repeats)
@@ -171,9 +175,18 @@ def _measure_mapped_link(repeats: int) -> LinkCost:
         probe.close()
 
 
-def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool) -> LinkCost:
-    src = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8).pin_memory()
-    dst = torch.empty(max(CUDA_COPY_SIZES), dtype=torch.uint8, device=device)
+def _copy_sizes(cap: int) -> tuple[int, ...]:
+    """CUDA_COPY_SIZES up to `cap` bytes, and `cap` itself: at least two sizes to fit a line to."""
+    sizes = tuple(n for n in CUDA_COPY_SIZES if n < cap) + (cap,)
+    return sizes if len(sizes) >= 2 else (max(cap // 2, 1), cap)
+
+
+def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool, dst: torch.Tensor | None) -> LinkCost:
+    cap = max(CUDA_COPY_SIZES) if dst is None else min(dst.numel(), max(CUDA_COPY_SIZES))
+    sizes = _copy_sizes(cap)
+    src = torch.empty(cap, dtype=torch.uint8).pin_memory()
+    if dst is None:
+        dst = torch.empty(cap, dtype=torch.uint8, device=device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def timer(n: int):
@@ -202,7 +215,7 @@ def _measure_cuda_link(device: torch.device, repeats: int, graphed: bool) -> Lin
             return start.elapsed_time(end) / 1e3 / batch
         return once
 
-    return _fit_medians(CUDA_COPY_SIZES, timer, repeats, "pinned host to cuda" + (", graph replays" if graphed else ""))
+    return _fit_medians(sizes, timer, repeats, "pinned host to cuda" + (", graph replays" if graphed else ""))
 
 
 def _measure_pread_link(repeats: int) -> LinkCost:
@@ -277,6 +290,91 @@ def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: 
     return max(0.0, per_step(True) - per_step(False))
 
 
+def _capture(fn, device: torch.device) -> torch.cuda.CUDAGraph:
+    """`fn` run once on a side stream (to warm it), then captured as a CUDA graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    return graph
+
+
+CHAIN_S = 4e-3  # the kernel chain of measure_kernel_slowdown lasts about this long alone (its two events: <0.5%)
+
+
+def measure_kernel_slowdown(device: torch.device, scratch_bytes: int = 128 * 2**20, repeats: int = 5) -> float:
+    """CUDA: how much kernels slow while host-to-device copies run beside them, as a streamed call's do: a
+    chain of in-place adds over a tensor of up to 64 MiB (bound by device memory, beyond an H200's L2 where
+    the budget leaves room for it: the kind of kernel the copies' writes compete with) and copies back to
+    back on a second stream, both in one CUDA graph, against the chain alone; timed by one event pair
+    around the chain, inside the graph. The ratio of medians of `repeats` replays, at least 1.
+
+    Steps cannot be timed this way one by one: a timing event beside a copy costs a graph 10-14 us where it
+    costs 4 us alone (`benchmarks/slowdown_probe.py` on an H200), so per-step events beside copies measured
+    ViT-L's matrix products 1.8x slower where, timed as above, they lose 0-1%. No products here: cuBLAS
+    would keep a 32 MiB workspace for each stream they ran on, beyond the budget.
+
+    Device memory: at most `scratch_bytes` (the profile passes what the budget leaves beside the arena, the
+    activations' room between calls), given back to the device when done; the graphs allocate nothing."""
+    torch.cuda.empty_cache()  # the calls' cached activation blocks go first: the room is the chain's alone
+    try:
+        return _kernel_slowdown(device, scratch_bytes, repeats)
+    finally:
+        torch.cuda.empty_cache()  # what the chain held goes back to the device
+
+
+def _kernel_slowdown(device: torch.device, scratch_bytes: int, repeats: int) -> float:
+    from .run_cuda import timing_event
+
+    # at most 5/8 of the scratch (floors of 64 and 16 KiB, for a toy model's room)
+    big = torch.zeros(min(max(scratch_bytes // 2, 64 * 2**10), 64 * 2**20) // 2, dtype=torch.float16, device=device)
+    chunk = min(max(scratch_bytes // 8, 16 * 2**10), 8 * 2**20)
+    src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(chunk, dtype=torch.uint8, device=device)
+    copy_stream = torch.cuda.Stream(device)
+    inner = (timing_event(), timing_event())
+    one = _capture(lambda: big.add_(1.0), device)
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(10):
+        one.replay()
+    t1.record()
+    t1.synchronize()
+    count = max(8, int(CHAIN_S / max(t0.elapsed_time(t1) / 1e3 / 10, 1e-7)))
+    # copies for 1.5x the chain at 60 GB/s and 3 us a copy: the chain runs beside copies from its first
+    # kernel to its last
+    copies = int(1.5 * CHAIN_S / (chunk / 60e9 + 3e-6)) + 2
+
+    def run(beside: bool) -> None:
+        if beside:
+            copy_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(copy_stream):
+                for _ in range(copies):
+                    dst.copy_(src, non_blocking=True)
+        inner[0].record()
+        for _ in range(count):
+            big.add_(1.0)
+        inner[1].record()
+        if beside:
+            torch.cuda.current_stream(device).wait_stream(copy_stream)
+
+    medians = []
+    for beside in (False, True):
+        graph = _capture(functools.partial(run, beside), device)
+        times = []
+        for _ in range(repeats + 1):
+            graph.replay()
+            torch.cuda.synchronize(device)
+            times.append(inner[0].elapsed_time(inner[1]))
+        medians.append(statistics.median(times[1:]))
+    return max(1.0, medians[1] / medians[0])
+
+
 class BackgroundTransfer:
     """Keeps the weight link busy (as loads would) while the model computes, to measure the slowdown: a
     thread copies (CUDA: pinned host to device, one copy at a time), reads or faults pages in for as long as
@@ -287,8 +385,8 @@ class BackgroundTransfer:
     Each copy is kept as (start, end, bytes) on the host's clock (CUDA: the copy's issue to its stream's
     synchronize), so `bytes_between` says what the link moved in a window: the link's own rate, idle or beside
     compute, measured by the same copies. On the CPU that rate is the link's beside compute
-    (`link_busy_factor`); on CUDA it is not (see `streamed_link_factor`), and the copies serve the ops'
-    slowdown alone."""
+    (`link_busy_factor`). The profile uses it on the CPU only: on CUDA its copies slow the per-step timing
+    events far more than the ops (`measure_kernel_slowdown`; `benchmarks/slowdown_probe.py` shows both)."""
 
     def __init__(self, device: torch.device, nbytes: int = 32 * 2**20, mapped: bool = False):
         self.device = device
@@ -437,8 +535,23 @@ def streamed_link_factor(sm, args: tuple, kwargs: dict, link: LinkCost) -> float
     return copy_rate_factor(sm._executor.mover.copy_intervals(), link)
 
 
+SCRATCH_MIN_BYTES = 2**20  # a ring smaller than this fits the link too poorly: the probe takes its own buffer
+
+
+def _scratch(sm) -> torch.Tensor | None:
+    """CUDA, between calls: the arena's ring, device bytes the budget already holds, for the link's probe
+    copies to land in (every call loads what it streams there again before use, as
+    `CudaMover.copies_alone_s` relies on). None where the plan streams less than SCRATCH_MIN_BYTES: the
+    probe then allocates its own 256 MiB, beside the budget (the activations' room may hold a graph's
+    pool)."""
+    plan = sm._executor.plan
+    ring = sm._arena[plan.resident_bytes:plan.arena_bytes]
+    return ring if ring.numel() >= SCRATCH_MIN_BYTES else None
+
+
 def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
-    """Measure `sm`'s per-step compute for this input, alone and beside a transfer, the link, and the link's
+    """Measure `sm`'s per-step compute for this input, its slowdown beside a transfer (on the CPU per op
+    class, from a pass beside background reads; on CUDA `measure_kernel_slowdown`), the link, and the link's
     rate beside the compute (`link_busy_factor`: on CUDA from one call's own copies, `streamed_link_factor`;
     on the CPU from the busy pass's background reads, whose IO thread competes with compute as the CPU
     mover's does). Loads move between ops during profiling (never beside compute), so step times are
@@ -462,10 +575,8 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
         quiet = per_step()
         mapped = bool(getattr(sm, "_mapped", False))  # on the CPU: pages faulted into mappings, not copies
         cuda = sm.device.type == "cuda"
-        with BackgroundTransfer(sm.device, mapped=mapped) as bg:
-            if cuda:  # the background's copies only slow the ops; the link's rate comes from a call's own
-                busy = per_step(timed=True)
-            else:
+        if not cuda:  # (CUDA: the ops' slowdown comes from kernel chains, the link's rate from a call's copies)
+            with BackgroundTransfer(sm.device, mapped=mapped) as bg:
                 idle_before = bg.idle_rate(IDLE_WINDOW_S)
                 busy = per_step(timed=True)
                 idle = (idle_before + bg.idle_rate(IDLE_WINDOW_S)) / 2
@@ -474,11 +585,13 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
         executor.profiling, executor.mover.serial = False, False
     program = sm.program
     graphed = sm._graphs is not None and program.signature not in sm._graphs.refused  # the profile replayed a graph
-    link = measure_link(sm.device, mapped=mapped, graphed=graphed)
+    scratch = _scratch(sm) if cuda else None
+    link = measure_link(sm.device, mapped=mapped, graphed=graphed, dst=scratch)
     if cuda:
         # A call's copies are timed on the device, between events: their reference is the device's own
         # per-copy overhead, not the host's launch rate an eager call's queue may add.
-        device_link = link if graphed else measure_link(sm.device, graphed=True)
+        device_link = link if graphed else measure_link(sm.device, graphed=True, dst=scratch)
+        del scratch
         factor = streamed_link_factor(sm, args, kwargs, device_link)
     else:
         factor = link_busy_factor(idle, moved, calls * executor.plan.streamed_bytes,
@@ -487,9 +600,13 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
     # where its op waits for a load. They come off each step here, and `simulate` adds them back there.
     wait = measure_wait(sm.device, graphed) if sm.device.type == "cuda" else 0.0
     quiet = [max(q - wait, 0.0) for q in quiet]
-    busy = [max(b - wait, 0.0) for b in busy]
     classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
-    slow = slowdowns_by_class(classes, quiet, busy)
+    if cuda:  # one device-wide figure: per-step events beside copies would time the events (see there)
+        plan = executor.plan
+        room = plan.budget_bytes - plan.arena_bytes - plan.fixed_bytes
+        slow = dict.fromkeys(classes, measure_kernel_slowdown(sm.device, max(room, 0)))
+    else:
+        slow = slowdowns_by_class(classes, quiet, [max(b - wait, 0.0) for b in busy])
     steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
     return CostModel(str(sm.device), program.signature, link, steps, wait, factor)
 
