@@ -308,11 +308,30 @@ def test_a_link_factor_outside_zero_to_one_is_refused(factor):
         CostModel("cpu", "test", LinkCost("synthetic", 1e6, 0.0), (), link_busy_factor=factor)
 
 
+def test_room_request_bytes_follows_the_caching_allocators_segments():
+    from flashmem.costs import room_request_bytes
+
+    mib = 2**20
+    # 1 MiB and less: a 2 MiB segment; up to 10 MiB: a 20 MiB one; more: the request rounded up to 2 MiB
+    assert room_request_bytes(5 * mib, 8 * mib) == mib  # 5 MiB would take 20 MiB of an 8 MiB room
+    assert room_request_bytes(512 * 1024, 8 * mib) == 512 * 1024
+    assert room_request_bytes(4 * mib, 20 * mib) == 4 * mib
+    assert room_request_bytes(45 * mib, 72 * mib) == 44 * mib  # whole 2 MiB units
+    assert room_request_bytes(11 * mib + 5, 12 * mib) == 10 * mib
+    assert room_request_bytes(100 * mib, 30 * mib) == 30 * mib  # never more than the room
+    assert room_request_bytes(mib, 0) == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("graphed", [False, True])
 def test_measure_wait_on_cuda(graphed):
-    wait = measure_wait(torch.device("cuda"), graphed)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    wait = measure_wait(torch.device("cuda"), graphed, scratch_bytes=8 * 2**20)
     assert 0.0 <= wait < 1e-3  # a few microseconds a step on an H200
+    assert torch.cuda.max_memory_reserved() - before <= 8 * 2**20 and torch.cuda.memory_reserved() <= before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -326,6 +345,10 @@ def test_measure_kernel_slowdown_on_cuda():
     assert not torch.cuda.is_current_stream_capturing()
     # nothing stays reserved: not its tensors, its graphs' pools, nor cuBLAS's workspaces for its streams
     assert torch.cuda.memory_reserved() <= before
+    # within a small room, the allocator's segments included (a 4 MiB request would take 20 MiB)
+    torch.cuda.reset_peak_memory_stats()
+    slow = measure_kernel_slowdown(torch.device("cuda"), scratch_bytes=8 * 2**20, repeats=3)
+    assert 1.0 <= slow < 1.5 and torch.cuda.max_memory_reserved() - before <= 8 * 2**20
 
 
 # -- profile ----------------------------------------------------------------------------------------------------------

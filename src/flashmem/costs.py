@@ -240,15 +240,19 @@ def _measure_pread_link(repeats: int) -> LinkCost:
             os.close(fd)
 
 
-def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: int = 5) -> float:
+def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: int = 5,
+                 scratch_bytes: int = 20 * 2**20) -> float:
     """CUDA: seconds a step of a profile takes longer than the same work in a plain call, from the profile's
     own mechanics: a step's timing events and its wait for the copy stream (every profiled step has both; in
     a call, only a step whose op waits for a load). Measured on a chain of small kernels, captured as a graph
-    where the profile replays one (`graphed`), as the per-step difference of the two chains' times."""
+    where the profile replays one (`graphed`), as the per-step difference of the two chains' times. Device
+    memory: the chain's tensor, at most 4 MiB and what the allocator takes for it fitting `scratch_bytes`
+    (`room_request_bytes`), given back when done."""
     from .run_cuda import timing_event
 
     compute, copy = torch.cuda.Stream(device), torch.cuda.Stream(device)
-    x = torch.zeros(2**20, device=device)
+    torch.cuda.empty_cache()  # the calls' cached blocks go first: the room is the chain's alone
+    x = torch.zeros(room_request_bytes(4 * 2**20, scratch_bytes) // 4, device=device)
     marks = [(timing_event(), timing_event()) for _ in range(steps)]
     fork, tail = torch.cuda.Event(), torch.cuda.Event()
     start, end = timing_event(), timing_event()
@@ -287,7 +291,11 @@ def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: 
         torch.cuda.current_stream(device).wait_stream(compute)
         return statistics.median(times[1:])
 
-    return max(0.0, per_step(True) - per_step(False))
+    try:
+        return max(0.0, per_step(True) - per_step(False))
+    finally:
+        del x
+        torch.cuda.empty_cache()
 
 
 def _capture(fn, device: torch.device) -> torch.cuda.CUDAGraph:
@@ -302,6 +310,18 @@ def _capture(fn, device: torch.device) -> torch.cuda.CUDAGraph:
         fn()
     torch.cuda.synchronize(device)
     return graph
+
+
+def room_request_bytes(want_bytes: int, room_bytes: int) -> int:
+    """The largest device request of at most `want_bytes` whose segment from PyTorch's caching allocator
+    fits in `room_bytes`: the allocator serves a request up to 1 MiB from a 2 MiB segment, one up to 10 MiB
+    from a 20 MiB segment, a larger one from a segment of its size rounded up to 2 MiB. (A room under 2 MiB
+    gets a request of up to 1 MiB, whose 2 MiB segment is the smallest there is.)"""
+    mib = 2**20
+    want = max(min(want_bytes, room_bytes), 0)
+    if want > 10 * mib:
+        return want // (2 * mib) * (2 * mib)
+    return want if room_bytes >= 20 * mib else min(want, mib)
 
 
 CHAIN_S = 4e-3  # the kernel chain of measure_kernel_slowdown lasts about this long alone (its two events: <0.5%)
@@ -319,8 +339,9 @@ def measure_kernel_slowdown(device: torch.device, scratch_bytes: int = 128 * 2**
     ViT-L's matrix products 1.8x slower where, timed as above, they lose 0-1%. No products here: cuBLAS
     would keep a 32 MiB workspace for each stream they ran on, beyond the budget.
 
-    Device memory: at most `scratch_bytes` (the profile passes what the budget leaves beside the arena, the
-    activations' room between calls), given back to the device when done; the graphs allocate nothing."""
+    Device memory: one request whose segment fits `scratch_bytes` (`room_request_bytes`; the profile passes
+    what the budget leaves beside the arena, the activations' room between calls), given back to the device
+    when done; the graphs allocate nothing."""
     torch.cuda.empty_cache()  # the calls' cached activation blocks go first: the room is the chain's alone
     try:
         return _kernel_slowdown(device, scratch_bytes, repeats)
@@ -331,11 +352,13 @@ def measure_kernel_slowdown(device: torch.device, scratch_bytes: int = 128 * 2**
 def _kernel_slowdown(device: torch.device, scratch_bytes: int, repeats: int) -> float:
     from .run_cuda import timing_event
 
-    # at most 5/8 of the scratch (floors of 64 and 16 KiB, for a toy model's room)
-    big = torch.zeros(min(max(scratch_bytes // 2, 64 * 2**10), 64 * 2**20) // 2, dtype=torch.float16, device=device)
-    chunk = min(max(scratch_bytes // 8, 16 * 2**10), 8 * 2**20)
+    # one allocation (its segment fits the scratch) of up to 72 MiB: the chain's tensor and, a fifth of it
+    # up to 8 MiB, the copies' destination (floors of 64 and 16 KiB, for a toy model's room)
+    total = room_request_bytes(min(max(scratch_bytes * 5 // 8, 80 * 2**10), 72 * 2**20), scratch_bytes) // 2 * 2
+    chunk = max(min(total // 5, 8 * 2**20) // 512 * 512, 16 * 2**10)
+    buf = torch.zeros(max(total, chunk + 64 * 2**10), dtype=torch.uint8, device=device)
+    big, dst = buf[chunk:].view(torch.float16), buf[:chunk]
     src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(chunk, dtype=torch.uint8, device=device)
     copy_stream = torch.cuda.Stream(device)
     inner = (timing_event(), timing_event())
     one = _capture(lambda: big.add_(1.0), device)
@@ -598,13 +621,13 @@ def profile(sm, args: tuple, kwargs: dict, calls: int = 3) -> CostModel:
                                   sum(b - a for a, b, _ in spans), sum(c for _, _, c in spans))
     # Every profiled step carries the profile's own timing events and copy-stream wait; a call's step only
     # where its op waits for a load. They come off each step here, and `simulate` adds them back there.
-    wait = measure_wait(sm.device, graphed) if sm.device.type == "cuda" else 0.0
+    plan = executor.plan
+    room = max(plan.budget_bytes - plan.arena_bytes - plan.fixed_bytes, 0)  # the activations' room
+    wait = measure_wait(sm.device, graphed, scratch_bytes=room) if cuda else 0.0
     quiet = [max(q - wait, 0.0) for q in quiet]
     classes = [type(sm.model.get_submodule(op.module)).__name__ for op in program.ops]
     if cuda:  # one device-wide figure: per-step events beside copies would time the events (see there)
-        plan = executor.plan
-        room = plan.budget_bytes - plan.arena_bytes - plan.fixed_bytes
-        slow = dict.fromkeys(classes, measure_kernel_slowdown(sm.device, max(room, 0)))
+        slow = dict.fromkeys(classes, measure_kernel_slowdown(sm.device, room))
     else:
         slow = slowdowns_by_class(classes, quiet, [max(b - wait, 0.0) for b in busy])
     steps = tuple(StepCost(cls, q, slow.get(cls, 1.0)) for cls, q in zip(classes, quiet))
