@@ -32,6 +32,8 @@ class Stack(nn.Module):
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_memory.py measures CUDA device memory; this machine has no CUDA device")
     torch.manual_seed(0)
     model = Stack().half().eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
