@@ -252,7 +252,7 @@ def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: 
 
     compute, copy = torch.cuda.Stream(device), torch.cuda.Stream(device)
     torch.cuda.empty_cache()  # the calls' cached blocks go first: the room is the chain's alone
-    x = torch.zeros(room_request_bytes(4 * 2**20, scratch_bytes) // 4, device=device)
+    held = [torch.zeros(room_request_bytes(4 * 2**20, scratch_bytes) // 4, device=device)]  # cleared at the end
     marks = [(timing_event(), timing_event()) for _ in range(steps)]
     fork, tail = torch.cuda.Event(), torch.cuda.Event()
     start, end = timing_event(), timing_event()
@@ -267,7 +267,7 @@ def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: 
                 before.record(compute)
                 compute.wait_event(tail)
                 after.record(compute)
-            x.add_(1.0)
+            held[0].add_(1.0)
         if profiled:
             fork.record(copy)
             compute.wait_event(fork)
@@ -294,7 +294,7 @@ def measure_wait(device: torch.device, graphed: bool, steps: int = 64, repeats: 
     try:
         return max(0.0, per_step(True) - per_step(False))
     finally:
-        del x
+        held.clear()  # the tensor goes before the cache does
         torch.cuda.empty_cache()
 
 
