@@ -399,29 +399,25 @@ def _kernel_slowdown(device: torch.device, scratch_bytes: int, repeats: int) -> 
 
 
 class BackgroundTransfer:
-    """Keeps the weight link busy (as loads would) while the model computes, to measure the slowdown: a
-    thread copies (CUDA: pinned host to device, one copy at a time), reads or faults pages in for as long as
-    the block lasts. (On CUDA, copies queued ahead of a call from the calling thread measured no slowdown at
-    all, since the call's own loads then waited behind them and its steps ran beside an idle link, where a
-    call streamed with the plan ran about 1.25x slower than profiled.)
+    """CPU: keeps the weight link busy (as loads would) while the model computes, to measure the slowdown: a
+    thread reads (or faults pages in) for as long as the block lasts.
 
-    Each copy is kept as (start, end, bytes) on the host's clock (CUDA: the copy's issue to its stream's
-    synchronize), so `bytes_between` says what the link moved in a window: the link's own rate, idle or beside
-    compute, measured by the same copies. On the CPU that rate is the link's beside compute
-    (`link_busy_factor`). The profile uses it on the CPU only: on CUDA its copies slow the per-step timing
-    events far more than the ops (`measure_kernel_slowdown`; `benchmarks/slowdown_probe.py` shows both)."""
+    Each read is kept as (start, end, bytes) on the host's clock, so `bytes_between` says what the link moved
+    in a window: the link's own rate, idle or beside compute (`link_busy_factor`), measured by the same reads.
+    Not for CUDA: there a host thread's copies slow the per-step timing events far more than the ops, and
+    they idle for the GIL while the calling thread launches kernels (`measure_kernel_slowdown` and
+    `streamed_link_factor` measure CUDA; `benchmarks/slowdown_probe.py` shows both)."""
 
     def __init__(self, device: torch.device, nbytes: int = 32 * 2**20, mapped: bool = False):
+        if device.type != "cpu":
+            raise FlashmemError(f"BackgroundTransfer keeps a CPU's storage link busy; {device} is not a CPU: "
+                                "on CUDA use measure_kernel_slowdown and streamed_link_factor")
         self.device = device
         self.nbytes = nbytes
         self.stop_flag = threading.Event()
-        self.samples: list[tuple[float, float, int]] = []  # (start, end, bytes) per copy, perf_counter seconds
-        self.probe = _MappedProbe(nbytes) if device.type == "cpu" and mapped else None
-        if device.type == "cuda":
-            self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-            self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self.stream = torch.cuda.Stream(device)
-        elif self.probe is None:
+        self.samples: list[tuple[float, float, int]] = []  # (start, end, bytes) per read, perf_counter seconds
+        self.probe = _MappedProbe(nbytes) if mapped else None
+        if self.probe is None:
             self.tmp = tempfile.TemporaryDirectory(prefix="flashmem-bg-")
             self.path = os.path.join(self.tmp.name, "bg")
             with open(self.path, "wb") as f:
@@ -437,13 +433,6 @@ class BackgroundTransfer:
                 self.probe.populate(self.probe.nbytes)
                 record((t0, clock(), self.nbytes))
                 self.probe.drop()
-        elif self.device.type == "cuda":
-            with torch.cuda.stream(self.stream):
-                while not self.stop_flag.is_set():
-                    t0 = clock()
-                    self.dst.copy_(self.src, non_blocking=True)
-                    self.stream.synchronize()
-                    record((t0, clock(), self.nbytes))
         else:
             fd = os.open(self.path, os.O_RDONLY)
             try:
@@ -482,7 +471,7 @@ class BackgroundTransfer:
         self.thread.join()
         if self.probe is not None:
             self.probe.close()
-        elif self.device.type == "cpu":
+        else:
             self.tmp.cleanup()
 
 
@@ -549,8 +538,8 @@ def copy_rate_factor(copies: list[tuple[float, float, int]], link: LinkCost) -> 
 
 def streamed_link_factor(sm, args: tuple, kwargs: dict, link: LinkCost) -> float:
     """CUDA: `copy_rate_factor` of one call of `sm` as it normally runs, every copy timed (`measure_timeline`).
-    The host thread `BackgroundTransfer` copies from measures no rate here: it waits for the GIL while the
-    calling thread launches a call's kernels, so the link idled for the host's reasons (an H200's rate
+    A host thread's copies (as `BackgroundTransfer` made on CUDA before) measure no rate here: they wait for
+    the GIL while the calling thread launches a call's kernels, so the link idled for the host's reasons (an H200's rate
     beside ViT-L's compute measured 0.59-0.88 of idle that way, where the call's own copies ran at 0.91-1.0)."""
     if not sm._executor.plan.loads:
         return 1.0
