@@ -168,6 +168,9 @@ def link_rate(dev) -> dict:
             "link_kind": "pinned host-to-device" if cuda else "cpu RAM copy"}
 
 
+GAP_BUCKETS_S = (5e-6, 20e-6, 100e-6, 1e-3, float("inf"))
+
+
 def link_activity(copies: list, bounds: list, names: list[str]) -> dict:
     """From a run's timed copies (start s, end s, bytes) and call boundaries: how many copies, the link's busy
     time (the union of the copies), the rate while busy, and the idle time within each model's calls (the
@@ -193,11 +196,17 @@ def link_activity(copies: list, bounds: list, names: list[str]) -> dict:
                 idle_by_model[name] = idle_by_model.get(name, 0.0) + hi - lo
         k = max((i for i in range(len(names)) if bounds[i] <= a), default=0)
         gaps.append((b - a, k))
+    buckets = {}  # the idle by the length of its stretch: many short ones are per-copy cost, few long ones waits
+    for g, _ in gaps:
+        label = next(f"<{hi * 1e6:g} us" for hi in GAP_BUCKETS_S if g < hi)
+        n, t = buckets.get(label, (0, 0.0))
+        buckets[label] = (n + 1, t + g)
     gaps.sort(reverse=True)
     moved = sum(n for _, _, n in copies)
     return {"copies": len(copies), "copied_bytes": moved, "link_busy_s": busy, "span_s": total,
             "link_idle_s": total - busy, "busy_rate_Bps": moved / busy if busy else None,
             "idle_by_model_s": {k: round(v, 5) for k, v in idle_by_model.items()},
+            "idle_by_gap": {k: {"gaps": n, "s": round(t, 5)} for k, (n, t) in buckets.items()},
             "largest_gaps": [{"s": round(g, 6), "call": k, "model": names[k]} for g, k in gaps[:8]]}
 
 
@@ -215,6 +224,7 @@ def child_flashmem(spec, dev, time_copies: bool = False, merge_copies: bool = Tr
         row["link_activity"] = link_activity(run.copies, run.boundaries_s, names)
     row["allocator_counts"] = run.allocator_counts
     row["copies_alone_s"] = run.copies_alone_s
+    row["copies_alone_graph_s"] = run.copies_alone_graph_s
     row["plan"] = run.plan_summary
     row.update(output_checks(names, [r.output for r in run.results]))
     del run
@@ -498,6 +508,8 @@ def main(argv=None) -> int:
             print(f"{r['mode']}: the sequence's {r['plan'].get('copies')} copies alone on the link (in order, no "
                   f"compute, no waits) take {a:.3f} s, {r['streamed_bytes'] / a / 1e9:.1f} GB/s; the sequence "
                   f"takes {r['total_s'] / a:.2f}x that")
+            if r.get("copies_alone_graph_s"):
+                print(f"{r['mode']}: the same copies replayed as one CUDA graph take {r['copies_alone_graph_s']:.3f} s")
     for r in rows:
         act = r.get("link_activity")
         if act:
@@ -505,7 +517,7 @@ def main(argv=None) -> int:
             print(f"{r['mode']} link: {act['copies']} copies, {act['copied_bytes'] / 1e9:.2f} GB, busy "
                   f"{act['link_busy_s']:.3f} s of {act['span_s']:.3f} s ({rate and round(rate, 1)} GB/s while busy), "
                   f"idle {act['link_idle_s']:.3f} s; idle per model {act['idle_by_model_s']}; largest gaps "
-                  f"{[(g['s'], g['model']) for g in act['largest_gaps'][:5]]}")
+                  f"{[(g['s'], g['model']) for g in act['largest_gaps'][:5]]}; idle by gap length {act['idle_by_gap']}")
     gpu = next((r["versions"]["gpu"] for r in rows if r.get("versions", {}).get("gpu")), None)
     print(f"\n{args.spec}: {len(spec.models)} models, {len(names)} calls ({spec.rounds} rounds, order "
           f"{spec.order if spec.order == 'random' else 'fixed'}), {str(spec.dtype).replace('torch.', '')}, "

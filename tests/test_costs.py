@@ -14,7 +14,7 @@ import torch
 
 from flashmem.check import find_problems
 from flashmem.costs import (LINK_FACTOR_FLOOR, BackgroundTransfer, CostModel, LinkCost, StepCost, Timeline, _fit,
-                            copy_rate_factor, link_busy_factor, measure_link, measure_wait, profile, simulate,
+                            copy_merges, copy_rate_factor, link_busy_factor, measure_link, measure_wait, profile, simulate,
                             slowdowns_by_class)
 from flashmem.errors import FlashmemError
 from flashmem.plan import Load, Plan, Resident, simple_plan
@@ -187,6 +187,24 @@ def test_simulate_two_slot_ring_by_hand():
     assert in_ms(tl.step_start_s) == pytest.approx([1.5, 4.25, 6.25, 10.25])
     assert in_ms(tl.step_end_s) == pytest.approx([4.25, 6.25, 10.25, 11.25])
     assert tl.total_s == pytest.approx(11.25 * MS)
+
+
+def test_simulate_moves_a_coalesced_cuda_pair_as_one_copy_once_both_are_free():
+    # A at 256 B on CUDA: W0 at 0 and W1 at 128 issued at op 0 follow each other (one copy); W2 would be
+    # issued at op 1 but waits for op 2, where W3 (after it in the arena) is issued: one copy, which waits
+    # for both holders' releases (W0's after op 0, W1's after op 1). Link 100 B/ms plus 0.5 ms a copy,
+    # 1 ms of compute per op, no slowdown:
+    #   copy 1: W0 [0, 1.5] (with the copy's fixed cost), W1 [1.5, 2.5]; op 0 [1.5, 2.5]; op 1 [2.5, 3.5]
+    #   copy 2 after op 1: W2 [3.5, 5], W3 [5, 6]; op 2 waits for W2: [5, 6]; op 3 [6, 7].
+    plan = simple_plan(A, budget_bytes=256, device="cuda", alignment=ALIGN, activation_bytes=0)
+    assert [(l.weight, l.start_step, l.offset_bytes) for l in plan.loads] == [(0, 0, 0), (1, 0, 128), (2, 2, 0),
+                                                                              (3, 2, 128)]
+    assert copy_merges(plan) == [False, True, False, True]
+    tl = simulate(plan, costs_ms([1] * 4, [1.0] * 4, bytes_per_ms=100, overhead_ms=0.5))
+    assert in_ms(tl.load_start_s) == pytest.approx([0, 1.5, 3.5, 5])
+    assert in_ms(tl.load_end_s) == pytest.approx([1.5, 2.5, 5, 6])
+    assert in_ms(tl.step_start_s) == pytest.approx([1.5, 2.5, 5, 6])
+    assert tl.total_s == pytest.approx(7 * MS)
 
 
 def test_simulate_link_bound_and_compute_bound():

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flashmem.check import check_plan, find_problems
 from flashmem.errors import BudgetTooSmall, PlanInvalid
-from flashmem.plan import Load, Plan, Resident, minimum_budget, simple_plan, use_runs
+from flashmem.plan import Load, Plan, Resident, coalesce_loads, minimum_budget, simple_plan, use_runs
 from flashmem.trace import Program
 
 from conftest import program
@@ -22,9 +22,9 @@ from conftest import program
 ALIGN = 64
 
 
-def plan_for(prog: Program, budget: int, **kwargs) -> Plan:
+def plan_for(prog: Program, budget: int, device: str = "cpu", **kwargs) -> Plan:
     kwargs.setdefault("activation_bytes", prog.activation_bytes)
-    return simple_plan(prog, budget_bytes=budget, device="cpu", alignment=ALIGN, **kwargs)
+    return simple_plan(prog, budget_bytes=budget, device=device, alignment=ALIGN, **kwargs)
 
 
 def problems(plan: Plan, prog: Program) -> list[str]:
@@ -198,6 +198,24 @@ def test_a_all_streamed_through_two_slots():
                                      (3, 2, 3, 3, 3, 128)]
     assert_valid(plan, A)
     assert_movers_keep_it(plan, A)
+
+
+def test_a_cuda_small_load_waits_to_move_with_the_next():
+    # The same ring on CUDA: W2 (at 0) and W3 (at 128) follow each other in the arena and in weight order,
+    # and W3's step (op 2) is W2's first use, so W2 waits for op 2 and the two move as one copy. W0 and W1
+    # already start together. Starting later, W2 holds its bytes for less: still valid.
+    plan = plan_for(A, 256, device="cuda")
+    assert loads_as_tuples(plan) == [(0, 0, 0, 0, 0, 0), (1, 0, 1, 1, 1, 128), (2, 2, 2, 2, 2, 0),
+                                     (3, 2, 3, 3, 3, 128)]
+    assert_valid(plan, A)
+    assert_movers_keep_it(plan, A)
+    # Not where the next load starts after the first one's use (W3 would start after W2's op), nor for a
+    # load of at least max_bytes, nor on the CPU, whose loads move one by one.
+    cpu = plan_for(A, 256)
+    late = dataclasses.replace(cpu, device="cuda", loads=cpu.loads[:3] + (dataclasses.replace(cpu.loads[3], start_step=3),))
+    assert coalesce_loads(late) == late
+    assert coalesce_loads(dataclasses.replace(cpu, device="cuda"), max_bytes=100).loads == cpu.loads
+    assert coalesce_loads(cpu) == cpu
 
 
 def test_a_one_slot():
@@ -441,13 +459,14 @@ def programs(draw, own_weights: bool = False):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prog=st.one_of(programs(), programs(own_weights=True)), fraction=st.floats(0.0, 1.3),
-       granularity=st.sampled_from([1, 64, 128]))
-def test_every_simple_plan_passes_the_checker(prog, fraction, granularity):
+       granularity=st.sampled_from([1, 64, 128]), device=st.sampled_from(["cpu", "cuda"]))
+def test_every_simple_plan_passes_the_checker(prog, fraction, granularity, device):
+    """On either device (CUDA's plans coalesce small loads)."""
     total = sum(-(-w.nbytes // ALIGN) * ALIGN for w in prog.weights)
     fixed = prog.activation_bytes + prog.fixed_bytes
     budget = max(1, int(fixed + fraction * total))
     try:
-        plan = plan_for(prog, budget, granularity=granularity)
+        plan = plan_for(prog, budget, device, granularity=granularity)
     except BudgetTooSmall as err:
         assert err.budget_bytes == budget and err.need_bytes > budget
         assert "raise the budget to at least" in str(err)
@@ -459,13 +478,14 @@ def test_every_simple_plan_passes_the_checker(prog, fraction, granularity):
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(prog=st.one_of(programs(), programs(own_weights=True)), fraction=st.floats(0.0, 1.3))
-def test_movers_never_overwrite_a_weight_in_use(prog, fraction):
-    """Every plan simple_plan makes runs intact under the CPU and CUDA movers' schedules."""
+@given(prog=st.one_of(programs(), programs(own_weights=True)), fraction=st.floats(0.0, 1.3),
+       device=st.sampled_from(["cpu", "cuda"]))
+def test_movers_never_overwrite_a_weight_in_use(prog, fraction, device):
+    """Every plan simple_plan makes (for either device) runs intact under the CPU and CUDA movers' schedules."""
     total = sum(-(-w.nbytes // ALIGN) * ALIGN for w in prog.weights)
     budget = max(1, int(prog.activation_bytes + prog.fixed_bytes + fraction * total))
     try:
-        plan = plan_for(prog, budget)
+        plan = plan_for(prog, budget, device)
     except BudgetTooSmall:
         return
     assert_movers_keep_it(plan, prog)

@@ -666,12 +666,12 @@ def simulate(plan, costs: CostModel) -> Timeline:
         needs[load.first_use].append(j)
     # On CUDA, loads issued at one step that follow each other in the arena (and in the pinned buffer, which
     # holds weights in index order) move as one copy: one per-copy overhead for the group.
-    merged = [False] * len(loads)
-    if plan.device.startswith("cuda"):
-        for j in range(1, len(loads)):
-            a, b = loads[j - 1], loads[j]
-            gap = b.offset_bytes - (a.offset_bytes + a.nbytes)
-            merged[j] = (a.start_step == b.start_step and b.weight == a.weight + 1 and 0 <= gap < plan.alignment)
+    merged = copy_merges(plan)
+    # A copy joins the queue once every load it carries may: group_end[j] is the last load of j's copy.
+    group_end = list(range(len(loads)))
+    for j in range(len(loads) - 2, -1, -1):
+        if merged[j + 1]:
+            group_end[j] = group_end[j + 1]
     link = _Link([costs.link.seconds(l.nbytes, 0 if merged[j] else 1) for j, l in enumerate(loads)])
     step_start, step_end = [0.0] * n, [0.0] * n
     busy_rate = costs.link_busy_factor
@@ -680,10 +680,11 @@ def simulate(plan, costs: CostModel) -> Timeline:
         # link's queue; the first to join at a step is released at the step's start (the end of op i - 1, or
         # the call's start), so the link, simulated up to now, starts it now if it is free.
         while link.queued < len(loads):
-            k = holder[link.queued]
-            if k is not None and loads[k].last_use >= i:
+            group = range(link.queued, group_end[link.queued] + 1)
+            if any(holder[j] is not None and loads[holder[j]].last_use >= i for j in group):
                 break
-            link.enqueue()
+            for _ in group:
+                link.enqueue()
         waited = [j for j in needs[i] if j < link.queued]
         if waited:
             link.finish(max(waited))  # the op waits, nothing computes: the link at its idle rate
@@ -695,6 +696,20 @@ def simulate(plan, costs: CostModel) -> Timeline:
         link.advance((step.slowdown - 1.0) * busy, busy_rate)
         step_end[i] = link.now
     return Timeline(tuple(step_start), tuple(step_end), tuple(link.start), tuple(link.end))
+
+
+def copy_merges(plan) -> list[bool]:
+    """Per load, whether it moves in one copy with the load before it (CUDA): loads issued at one step
+    that follow each other in the arena and in weight order (the pinned buffer holds weights in index
+    order), with only alignment padding between them, as `CudaMover` merges them."""
+    loads = plan.loads
+    merged = [False] * len(loads)
+    if plan.device.startswith("cuda"):
+        for j in range(1, len(loads)):
+            a, b = loads[j - 1], loads[j]
+            gap = b.offset_bytes - (a.offset_bytes + a.nbytes)
+            merged[j] = (a.start_step == b.start_step and b.weight == a.weight + 1 and 0 <= gap < plan.alignment)
+    return merged
 
 
 class _Link:

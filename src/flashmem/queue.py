@@ -262,6 +262,7 @@ class QueueRun:
     # CUDA, weights in host memory: the sequence's copies alone on the link, in order, no compute and no waits
     # (`CudaMover.copies_alone_s`): the floor for exactly the bytes and copies the plan makes
     copies_alone_s: float = 0.0
+    copies_alone_graph_s: float = 0.0  # cuda_graphs: the same copies replayed as one CUDA graph
 
 
 COPY_SIZE_EDGES = (64 << 10, 1 << 20, 4 << 20, 16 << 20)
@@ -360,13 +361,15 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, m
         if time_copies and device.type == "cuda":
             copies = wl.streamed._executor.mover.copy_intervals()
             bounds = [r.start_s - results[0].start_s for r in results] + [results[-1].end_s - results[0].start_s]
-        alone = 0.0
+        alone = alone_graph = 0.0
         mover = getattr(wl.streamed._executor, "mover", None)
         if device.type == "cuda" and spec.host_budget_bytes is None and mover is not None:
             alone = mover.copies_alone_s()
+            if spec.cuda_graphs:
+                alone_graph = mover.copies_alone_s(graph=True)
         return QueueRun(results, total, setup_s, peak - base, sampler.average_bytes() - base,
                         wl.plan.streamed_bytes, spec.budget_bytes, sampler, base, wl.graph_refusals, copies, bounds,
-                        counts, plan_summary(wl), alone)
+                        counts, plan_summary(wl), alone, alone_graph)
     finally:
         wl.close()
 

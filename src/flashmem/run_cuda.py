@@ -294,21 +294,32 @@ class CudaMover:
         return [(t0.elapsed_time(a) / 1e3, t0.elapsed_time(b) / 1e3, sum(self.plan.loads[j].nbytes for j in done))
                 for done, a, b in self.load_marks]
 
-    def copies_alone_s(self, repeats: int = 3) -> float:
+    def copies_alone_s(self, repeats: int = 3, graph: bool = False) -> float:
         """Seconds one call's copies take alone on the link: every copy of the plan, in order, on the copy
         stream, with no compute and no waits between them (median of `repeats`). The time the link needs for
         exactly the bytes and copies a call makes, per-copy overhead included: the floor a streamed call's
-        copy lane is measured against. Overwrites the ring's bytes, so it runs between calls only; the
-        next call loads every streamed weight again before its use, as always."""
+        copy lane is measured against. With `graph`, the copies are captured into one CUDA graph and
+        replayed, as a replayed call's copies are (its per-node cost then counts too). Overwrites the ring's
+        bytes, so it runs between calls only; the next call loads every streamed weight again before its
+        use, as always."""
         torch.cuda.synchronize(self.device)
         copies = self._copies()
+
+        def run_all():
+            for dst, src in copies:
+                dst.copy_(src, non_blocking=True)
+        replay = run_all
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=self.copy_stream):
+                run_all()
+            replay = g.replay
         times = []
         for _ in range(repeats):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.copy_stream):
                 a.record(self.copy_stream)
-                for dst, src in copies:
-                    dst.copy_(src, non_blocking=True)
+                replay()
                 b.record(self.copy_stream)
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)

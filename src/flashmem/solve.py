@@ -17,7 +17,8 @@ Before CP-SAT, the latency bound's linear relaxation (`bound.py`) is rounded int
 resident in order of their resident share there, rings of one to six times the largest working set, each
 laid out as the simple plan lays out its ring and predicted by `costs.simulate`; on CUDA, where adjacent
 loads merge into one copy, each also with its small resident weights between two streamed neighbours
-streamed (`merge_breakers`). The best of them and the simple plan is CP-SAT's hint. Past 600 steps the
+streamed (`merge_breakers`). Every plan's small loads then wait to share the next load's copy
+(`plan.coalesce_loads`). The best of them and the simple plan is CP-SAT's hint. Past 600 steps the
 relaxation is windowed (a guide, not a bound), limited to a share of the time limit and skipped where it
 would be too large to build. Long programs are solved in a rolling window of steps, each window with what
 earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved). Offsets are
@@ -40,8 +41,8 @@ from .check import find_problems
 from .errors import FlashmemError
 from .costs import CostModel, simulate
 from .bound import BoundNotSolved, latency_bound
-from .plan import (Load, Plan, Resident, UseRun, arena_limit, minimum_ring, place_ring, ring_layout, simple_plan,
-                   use_runs)
+from .plan import (Load, Plan, Resident, UseRun, arena_limit, coalesce_loads, minimum_ring, place_ring, ring_layout,
+                   simple_plan, use_runs)
 from .trace import Program
 from .units import align_up
 
@@ -309,9 +310,9 @@ def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simpl
         if placed is None:
             return
         residents, loads, resident_bytes, ring_bytes = placed
-        plan = replace(simple, arena_bytes=align_up(resident_bytes + ring_bytes, granularity),
-                       resident_bytes=resident_bytes, residents=residents, loads=loads, status="feasible",
-                       note=note.format(n=len(residents)))
+        plan = coalesce_loads(replace(simple, arena_bytes=align_up(resident_bytes + ring_bytes, granularity),
+                                      resident_bytes=resident_bytes, residents=residents, loads=loads,
+                                      status="feasible", note=note.format(n=len(residents))))
         if not list(find_problems(plan, program)):
             plans.append(replace(plan, predicted_s=simulate(plan, costs).total_s))
         if simple.device.startswith("cuda"):  # the copies merge: try the small weights that split them streamed
@@ -382,10 +383,10 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
             continue
         residents, loads, resident_bytes = placed
         ring_end = max([resident_bytes] + [l.offset_bytes + align_up(l.nbytes, alignment) for l in loads])
-        plan = replace(simple, arena_bytes=align_up(ring_end, granularity), resident_bytes=resident_bytes,
-                       residents=tuple(residents), loads=tuple(loads),
-                       status="optimal" if done.optimal else "feasible",
-                       note=tier + (f"; {skipped}" if skipped else ""))
+        plan = coalesce_loads(replace(simple, arena_bytes=align_up(ring_end, granularity),
+                                      resident_bytes=resident_bytes, residents=tuple(residents), loads=tuple(loads),
+                                      status="optimal" if done.optimal else "feasible",
+                                      note=tier + (f"; {skipped}" if skipped else "")))
         if list(find_problems(plan, program)):
             notes.append(f"{tier}: rejected by the checker")
             continue
