@@ -35,12 +35,15 @@ $OUT/bench_queue_memory.json, the plot to $OUT/bench_queue.png (when $OUT is set
 
 --time-copies (CUDA, flashmem modes): every copy of the timed run is bracketed by events (inside the graph
 too), and the row's `link_activity` says how many copies moved how many bytes, how long the link was busy
-and at what rate, and where it idled (per model, and the largest gaps): where a sequence falls short of the
+and at what rate, and where it idled (per model, the largest gaps, and the idle by gap length: many gaps of
+a few us are copies' fixed cost, a few long ones waits for releases): where a sequence falls short of the
 link floor. The events add a little to the total, so time the total without it.
 
 The flashmem child also times the sequence's own copies alone on the link (`CudaMover.copies_alone_s`: every
 copy in order, no compute, no waits): the floor for exactly the copies the plan makes, per-copy overhead
-included, against which the total shows what running beside compute and waiting for releases costs.
+included, against which the total shows what running beside compute and waiting for releases costs. With
+cuda_graphs it times them once more replayed as one CUDA graph (`copies_alone_graph_s`): a graph's copies
+can cost more each than copies launched in order.
 
 --no-merge (CUDA, flashmem modes): from the second run on, every load is a copy of its own (loads that follow
 each other in the arena and in host memory are otherwise merged into one copy); the same plan's total and
