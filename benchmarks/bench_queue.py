@@ -6,8 +6,9 @@ process per way of running them:
     sh benchmarks/install_gpu_deps.sh && PYTHONPATH=src:/tmp/benchdeps python3 benchmarks/bench_queue.py
     PYTHONPATH=src python benchmarks/bench_queue.py --spec benchmarks/queue_small.json   # CPU logic check
 
-Modes (each in its own child process, `--mode X`; untimed warm-up pass over the sequence, then a timed pass
-with flashmem.queue.MemorySampler on):
+Modes (each in its own child process, `--mode X`; untimed warm-up pass over the sequence, then --repeats
+timed passes, default 3, with flashmem.queue.MemorySampler on; the total is their median, and their spread
+prints):
   flashmem                  flashmem.queue.run_queue(spec): one Workload under the spec's budget
   flashmem_host             the same with host_budget=--host-budget (CUDA): every sequence reads the weights
                             from files (the page cache warm) through a pinned staging ring of that size
@@ -83,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--no-merge", action="store_true",
                    help="flashmem modes on CUDA: copy every load on its own instead of merging loads that follow "
                         "each other (CudaMover.merge_copies(False)), to measure what merging saves")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of the sequence per mode, after the warm-up; the total is their median")
     p.add_argument("--time-copies", action="store_true",
                    help="flashmem modes on CUDA: time every copy with events (inside the graph too) and report "
                         "the link's busy and idle time per model; the events add a little to the total")
@@ -213,13 +216,13 @@ def link_activity(copies: list, bounds: list, names: list[str]) -> dict:
             "largest_gaps": [{"s": round(g, 6), "call": k, "model": names[k]} for g, k in gaps[:8]]}
 
 
-def child_flashmem(spec, dev, time_copies: bool = False, merge_copies: bool = True) -> dict:
+def child_flashmem(spec, dev, time_copies: bool = False, merge_copies: bool = True, repeats: int = 3) -> dict:
     import torch
     from flashmem.queue import run_queue
 
     names = spec.sequence()
-    run = run_queue(spec, time_copies=time_copies, merge_copies=merge_copies)
-    row = {"total_s": run.total_s, "setup_s": run.setup_s, "peak_bytes": run.peak_bytes,
+    run = run_queue(spec, time_copies=time_copies, merge_copies=merge_copies, repeats=repeats)
+    row = {"total_s": run.total_s, "totals_s": run.totals_s, "setup_s": run.setup_s, "peak_bytes": run.peak_bytes,
            "average_bytes": run.average_bytes, "baseline_bytes": run.baseline_bytes,
            "streamed_bytes": run.streamed_bytes, "samples": samples_of(run.sampler),
            "per_call_s": [r.end_s - r.start_s for r in run.results], "graph_refusals": run.graph_refusals}
@@ -239,8 +242,9 @@ def child_flashmem(spec, dev, time_copies: bool = False, merge_copies: bool = Tr
     return row
 
 
-def child_baseline(spec, dev, mode: str) -> dict:
-    """resident, load_each or accelerate_model_offload: warm-up pass, then the timed pass, sampled."""
+def child_baseline(spec, dev, mode: str, repeats: int = 3) -> dict:
+    """resident, load_each or accelerate_model_offload: warm-up pass, then `repeats` timed passes, sampled;
+    the total is their median."""
     import torch
     from torch.utils._pytree import tree_map
 
@@ -318,9 +322,13 @@ def child_baseline(spec, dev, mode: str) -> dict:
     else:
         base = sampler.read()  # as run_queue: RSS after the warm-up holds the models and their code
     sampler.start()
-    t1 = time.perf_counter()
-    outs, times = one_pass()
-    total = time.perf_counter() - t1
+    passes = []
+    for _ in range(repeats):
+        t1 = time.perf_counter()
+        outs, times = one_pass()
+        passes.append((time.perf_counter() - t1, outs, times))
+    total, outs, times = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
+    row["totals_s"] = [p[0] for p in passes]
     sampler.stop()
     peak = max(sampler.bytes)
     if cuda:
@@ -396,9 +404,9 @@ def child(args) -> None:
         if args.mode == "flashmem_graphs":
             spec = dataclasses.replace(spec, cuda_graphs=True)
         if args.mode.startswith("flashmem"):
-            row = child_flashmem(spec, dev, args.time_copies, not args.no_merge)
+            row = child_flashmem(spec, dev, args.time_copies, not args.no_merge, args.repeats)
         else:
-            row = child_baseline(spec, dev, args.mode)
+            row = child_baseline(spec, dev, args.mode, args.repeats)
         row["within_budget"] = row["peak_bytes"] <= spec.budget_bytes
         C.emit(dict(base, **row))
     except BaseException as e:  # noqa: BLE001 - every failure becomes a row
@@ -426,6 +434,7 @@ def main(argv=None) -> int:
         old.unlink()
     script = str(Path(__file__).resolve())
     common = (["--spec", args.spec, "--host-budget", args.host_budget]
+              + ["--repeats", str(args.repeats)]
               + (["--time-copies"] if args.time_copies else []) + (["--no-merge"] if args.no_merge else [])
               + (["--device", args.device] if args.device else [])
               + (["--rounds", str(args.rounds)] if args.rounds is not None else []))
@@ -495,6 +504,10 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("per_model_median_ms"):
             print(f"{r['mode']} per-model median ms: {r['per_model_median_ms']}")
+        if len(r.get("totals_s") or []) > 1:
+            ts = r["totals_s"]
+            print(f"{r['mode']} timed runs: {', '.join(f'{t:.3f}' for t in ts)} s (median {statistics.median(ts):.3f}, "
+                  f"spread {(max(ts) - min(ts)) / statistics.median(ts):.1%})")
     for r in rows:
         if r.get("plan"):
             print(f"{r['mode']} plan: " + ", ".join(f"{k} {C.fmt_gb(v) + ' GB' if k.endswith('_bytes') else v}"

@@ -128,9 +128,13 @@ def test_queue_command_runs_a_spec_and_writes_the_plot(tmp_path, capsys):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     out = tmp_path / "mem.png"
-    assert main(["queue", str(path), "--out", str(out)]) == 0
+    assert main(["queue", str(path), "--out", str(out), "--repeats", "2"]) == 0
     text = capsys.readouterr().out
     assert "llama" in text and "vit" in text and "6 calls" in text
+    runs = re.search(r"2 timed runs: ([\d.]+), ([\d.]+) s", text)
+    total = re.search(r"total ([\d.]+) s for 6 calls \(the median run\)", text)
+    assert runs and total, text  # of two runs, the median run is the slower one
+    assert total.group(1) == max(runs.group(1), runs.group(2), key=float)
     streamed = re.search(r"([\d.]+)\s+(B|KiB|MiB)\s+streamed", text)
     assert streamed and float(streamed.group(1)) > 0, text  # the budget makes the models stream
     plan = re.search(r"plan: arena ([\d.]+ \w+) \((\d+) weights resident in ([\d.]+ \w+), a ring of ([\d.]+ \w+)\), "
@@ -157,6 +161,10 @@ def test_queue_spec_errors_are_clear(tmp_path):
     assert parse_spec({"budget": "1GB", "models": [{"name": "a", "transformers": "X"}]}).host_budget_bytes is None
     with pytest.raises(flashmem.BadBudget):
         parse_spec({"budget": "1GB", "host_budget": "lots", "models": [{"name": "a", "transformers": "X"}]})
+    from flashmem.queue import run_queue
+
+    with pytest.raises(flashmem.FlashmemError, match="repeats is 0; run the sequence at least once"):
+        run_queue(spec, repeats=0)
 
 
 def test_plan_with_split_bytes_names_the_blocks(llama_folder, tmp_path, capsys):

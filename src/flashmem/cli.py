@@ -121,14 +121,17 @@ def cmd_queue(args) -> int:
     console = Console()
     console.print(f"{len(spec.models)} models, {spec.rounds} rounds ({len(spec.sequence())} calls) under "
                   f"{fmt_bytes(spec.budget_bytes)} on {spec.device}")
-    run = run_queue(spec)
+    run = run_queue(spec, repeats=args.repeats)
     table = Table(title="calls per model")
     for col in ("model", "calls", "median ms"):
         table.add_column(col)
     for row in table_rows(run):
         table.add_row(*row)
     console.print(table)
-    console.print(f"total {run.total_s:.3f} s for {len(run.results)} calls (set-up and a first untimed run "
+    if len(run.totals_s) > 1:
+        console.print(f"{len(run.totals_s)} timed runs: " + ", ".join(f"{t:.3f}" for t in run.totals_s) + " s")
+    console.print(f"total {run.total_s:.3f} s for {len(run.results)} calls"
+                  + (" (the median run)" if len(run.totals_s) > 1 else "") + " (set-up and a first untimed run "
                   f"{run.setup_s:.1f} s); device memory over the baseline: peak {fmt_bytes(run.peak_bytes)}, "
                   f"average {fmt_bytes(int(run.average_bytes))}, budget {fmt_bytes(spec.budget_bytes)}; "
                   f"{fmt_bytes(run.streamed_bytes)} streamed")
@@ -178,6 +181,7 @@ def parser() -> argparse.ArgumentParser:
                                     "their inputs, the order, rounds, budget and device")
     queue.add_argument("--rounds", type=int, help="override the spec's number of rounds")
     queue.add_argument("--out", help="write a plot of device memory over time (PNG)")
+    queue.add_argument("--repeats", type=int, default=1, help="timed runs of the sequence; the total is their median")
     queue.set_defaults(func=cmd_queue)
     demo = sub.add_parser("demo", help="SmolLM2-135M-Instruct answers a prompt at a quarter of its bytes")
     demo.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")

@@ -240,8 +240,9 @@ class MemorySampler:
 @dataclass
 class QueueRun:
     """What `run_queue` measured."""
-    results: list = field(default_factory=list)  # CallResult per call
-    total_s: float = 0.0
+    results: list = field(default_factory=list)  # CallResult per call, of the timed run whose total is the median
+    total_s: float = 0.0  # the median of the timed runs' totals
+    totals_s: list = field(default_factory=list)  # every timed run's total, in order
     setup_s: float = 0.0
     peak_bytes: int = 0  # device memory over the baseline at its peak (CUDA: reserved over what the process
     # held before the Workload; CPU: RSS over what it held after the untimed run, i.e. the calls' growth)
@@ -251,10 +252,11 @@ class QueueRun:
     sampler: MemorySampler | None = None
     baseline_bytes: int = 0
     graph_refusals: dict = field(default_factory=dict)  # cuda_graphs: sequence signature -> why it ran eagerly
-    # time_copies (CUDA): the timed run's copies, (start s, end s, bytes) from its start, and its call boundaries
+    # time_copies (CUDA): the last timed run's copies, (start s, end s, bytes) from its start, and its call
+    # boundaries
     copies: list = field(default_factory=list)
     boundaries_s: list = field(default_factory=list)
-    # CUDA: the caching allocator's counters over the timed run (cudaMalloc and cudaFree calls, retries after
+    # CUDA: the caching allocator's counters over the timed runs (cudaMalloc and cudaFree calls, retries after
     # a failed one, synchronisations of every stream): a call that presses on its cap frees and mallocs,
     # and each of those waits for the device
     allocator_counts: dict = field(default_factory=dict)
@@ -301,16 +303,20 @@ def _allocator_counts(device: torch.device) -> dict:
     return {k: stats.get(k, 0) for k in ALLOCATOR_COUNTS}
 
 
-def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, merge_copies: bool = True) -> QueueRun:
-    """Build the spec's models, make a Workload under its budget, run its sequence (after untimed runs of
-    the same sequence when `warmup`: one, or with cuda_graphs three, which plan, probe and capture it),
-    sampling memory. `time_copies` (CUDA, with warmup): every copy of the runs after the first is timed
+def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, merge_copies: bool = True,
+              repeats: int = 1) -> QueueRun:
+    """Build the spec's models, make a Workload under its budget, run its sequence `repeats` times (after
+    untimed runs of the same sequence when `warmup`: one, or with cuda_graphs three, which plan, probe and
+    capture it), sampling memory over them all; the total is the median run's (of an even number of runs,
+    the slower of the middle two). `time_copies` (CUDA, with warmup): every copy of the runs after the first is timed
     with events (a graph then holds them too), and `QueueRun.copies` gives the timed run's. `merge_copies`
     False (CUDA, with warmup): every load is a copy of its own from the second run on (`CudaMover.merge_copies`),
     to measure what merging adjacent loads saves."""
     from .workload import Workload
 
     device = torch.device(spec.device)
+    if repeats < 1:
+        raise FlashmemError(f"repeats is {repeats}; run the sequence at least once (repeats=1)")
     if (time_copies or not merge_copies) and device.type == "cuda" and not warmup:
         raise FlashmemError("time_copies and merge_copies=False need the warm-up runs (the first plans the sequence)")
     models = {m.name: build_model(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
@@ -344,19 +350,23 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, m
             torch.cuda.reset_peak_memory_stats(device)
         counts0 = _allocator_counts(device)
         sampler.start()
-        t1 = time.perf_counter()
-        results = wl.run(calls)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        total = time.perf_counter() - t1
+        runs = []
+        for _ in range(repeats):
+            t1 = time.perf_counter()
+            results = wl.run(calls)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            runs.append((time.perf_counter() - t1, results))
+        totals = [t for t, _ in runs]
+        total, median_results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
         counts = {k: v - counts0[k] for k, v in _allocator_counts(device).items()}
         sampler.stop()
         peak = max(sampler.bytes)
         if device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_reserved(device))
-        failed = [r for r in results if r.error is not None]
+        failed = [r for _, rs in runs for r in rs if r.error is not None]
         if failed:
-            raise FlashmemError(f"{len(failed)} of {len(results)} calls failed; the first: {failed[0].error!r}")
+            raise FlashmemError(f"{len(failed)} of {len(calls) * repeats} calls failed; the first: {failed[0].error!r}")
         copies, bounds = [], []
         if time_copies and device.type == "cuda":
             copies = wl.streamed._executor.mover.copy_intervals()
@@ -367,7 +377,7 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, m
             alone = mover.copies_alone_s()
             if spec.cuda_graphs:
                 alone_graph = mover.copies_alone_s(graph=True)
-        return QueueRun(results, total, setup_s, peak - base, sampler.average_bytes() - base,
+        return QueueRun(median_results, total, totals, setup_s, peak - base, sampler.average_bytes() - base,
                         wl.plan.streamed_bytes, spec.budget_bytes, sampler, base, wl.graph_refusals, copies, bounds,
                         counts, plan_summary(wl), alone, alone_graph)
     finally:
