@@ -119,7 +119,8 @@ def test_cuda_exact(case, fraction):
 
 def test_cuda_copies_alone_overwrite_the_ring_and_calls_stay_exact(case):
     """`CudaMover.copies_alone_s` (the floor bench_queue measures a sequence against) copies every load of
-    the plan into the ring between calls: the next calls still load what they use first and stay exact."""
+    the plan into the ring between calls, launched in order or replayed as one CUDA graph: the next calls
+    still load what they use first and stay exact, and the graph holds no memory past the call."""
     sm, _ = stream_below_size(case, 0.45)
     try:
         x, ref = case["xs"][0], case["refs"][0]
@@ -128,6 +129,9 @@ def test_cuda_copies_alone_overwrite_the_ring_and_calls_stay_exact(case):
         mover = sm._executor.mover
         assert sum(mover.copy_sizes()) >= sm.plan.streamed_bytes > 0
         assert mover.copies_alone_s(repeats=2) > 0
+        reserved = torch.cuda.memory_reserved()
+        assert mover.copies_alone_s(repeats=2, graph=True) > 0
+        assert torch.cuda.memory_reserved() <= reserved  # copies allocate nothing, inside a graph neither
         assert_exact(sm, case)
     finally:
         sm.close()
