@@ -308,8 +308,9 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, m
     """Build the spec's models, make a Workload under its budget, run its sequence `repeats` times (after
     untimed runs of the same sequence when `warmup`: one, or with cuda_graphs three, which plan, probe and
     capture it), sampling memory over them all; the total is the median run's (of an even number of runs,
-    the slower of the middle two). `time_copies` (CUDA, with warmup): every copy of the runs after the first is timed
-    with events (a graph then holds them too), and `QueueRun.copies` gives the timed run's. `merge_copies`
+    the slower of the middle two). `time_copies` (CUDA, with warmup): every copy of the runs after the
+    first is timed with events (a graph then holds them too), and `QueueRun.copies` gives the last timed
+    run's. `merge_copies`
     False (CUDA, with warmup): every load is a copy of its own from the second run on (`CudaMover.merge_copies`),
     to measure what merging adjacent loads saves."""
     from .workload import Workload
