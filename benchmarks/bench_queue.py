@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--no-merge", action="store_true",
                    help="flashmem modes on CUDA: copy every load on its own instead of merging loads that follow "
                         "each other (CudaMover.merge_copies(False)), to measure what merging saves")
+    p.add_argument("--planner", choices=["simple", "solver"],
+                   help="flashmem modes: override the spec's planner (solver: Workload.use_solver after a first run)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of the sequence per mode, after the warm-up; the total is their median")
     p.add_argument("--time-copies", action="store_true",
@@ -403,6 +405,8 @@ def child(args) -> None:
             spec = dataclasses.replace(spec, host_budget_bytes=parse_bytes(args.host_budget))
         if args.mode == "flashmem_graphs":
             spec = dataclasses.replace(spec, cuda_graphs=True)
+        if args.planner:
+            spec = dataclasses.replace(spec, planner=args.planner)
         if args.mode.startswith("flashmem"):
             row = child_flashmem(spec, dev, args.time_copies, not args.no_merge, args.repeats)
         else:
@@ -434,7 +438,7 @@ def main(argv=None) -> int:
         old.unlink()
     script = str(Path(__file__).resolve())
     common = (["--spec", args.spec, "--host-budget", args.host_budget]
-              + ["--repeats", str(args.repeats)]
+              + ["--repeats", str(args.repeats)] + (["--planner", args.planner] if args.planner else [])
               + (["--time-copies"] if args.time_copies else []) + (["--no-merge"] if args.no_merge else [])
               + (["--device", args.device] if args.device else [])
               + (["--rounds", str(args.rounds)] if args.rounds is not None else []))

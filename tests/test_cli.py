@@ -165,6 +165,38 @@ def test_queue_spec_errors_are_clear(tmp_path):
 
     with pytest.raises(flashmem.FlashmemError, match="repeats is 0; run the sequence at least once"):
         run_queue(spec, repeats=0)
+    with pytest.raises(flashmem.FlashmemError, match="planner 'fast' is not"):
+        parse_spec({"budget": "1GB", "planner": "fast", "models": [{"name": "a", "transformers": "X"}]})
+    solver = parse_spec({"budget": "1GB", "planner": "solver", "models": [{"name": "a", "transformers": "X"}]})
+    assert solver.planner == "solver" and spec.planner == "simple"
+    with pytest.raises(flashmem.FlashmemError, match="needs the warm-up runs"):
+        run_queue(solver, warmup=False)
+
+
+def test_queue_with_the_solver_plans_the_sequence_and_stays_exact():
+    """A spec's "planner": "solver": run_queue profiles the sequence after its first run and plans it with the
+    solver; the timed runs use that plan, within the budget, with the outputs of the simple plan's run."""
+    import torch.utils._pytree as pytree
+
+    from flashmem.queue import parse_spec, run_queue
+
+    raw = {"device": "cpu", "budget": "400KB", "dtype": "float32", "rounds": 2, "order": "random", "seed": 1,
+           "models": [{"name": "llama", "transformers": "LlamaForCausalLM",
+                       "config": {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                       "inputs": {"input_ids": {"shape": [1, 12], "dtype": "int64", "high": 256}}},
+                      {"name": "vit", "transformers": "ViTModel",
+                       "config": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "intermediate_size": 256, "image_size": 32, "patch_size": 8},
+                       "inputs": {"pixel_values": {"shape": [1, 3, 32, 32]}}}]}
+    simple = run_queue(parse_spec(raw))
+    solved = run_queue(parse_spec(dict(raw, planner="solver")))
+    assert simple.plan_summary["status"] == "simple"
+    assert solved.plan_summary["status"] in ("optimal", "feasible", "fallback")
+    assert solved.plan_summary["predicted_s"] > 0 and "note" in solved.plan_summary
+    assert solved.peak_bytes <= solved.budget_bytes
+    for a, b in zip(simple.results, solved.results):
+        assert a.name == b.name and torch.equal(pytree.tree_leaves(a.output)[0], pytree.tree_leaves(b.output)[0])
 
 
 def test_plan_with_split_bytes_names_the_blocks(llama_folder, tmp_path, capsys):

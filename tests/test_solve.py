@@ -203,7 +203,9 @@ def test_a_small_resident_weight_between_streamed_neighbours_is_tried_streamed()
         simple = simple_plan(prog, budget_bytes=384, device=device, alignment=ALIGN, activation_bytes=0,
                              granularity=ALIGN)
         simple = dataclasses.replace(simple, predicted_s=simulate(simple, costs).total_s)
-        plans, _, skipped = solve._relaxed_plans(prog, costs, solve.use_runs(prog), simple, 384, ALIGN, ALIGN, FAST)
+        cands = solve._Candidates(prog, costs, solve.use_runs(prog), simple, 384, ALIGN, ALIGN)
+        _, skipped = solve._relaxed_plans(cands, FAST)
+        plans = cands.plans
         assert skipped is None
         kept = [p for p in plans if [r.weight for r in p.residents] == [1]]
         streamed = [p for p in plans if p.note.endswith("1 small weights streamed with their neighbours")]
@@ -245,14 +247,56 @@ def test_overhead_counts_per_copy():
     assert simulate(simple_for(A, 384), costs).total_s == pytest.approx(13 * MS)
 
 
+def test_the_ring_sweep_keeps_a_weight_loaded_twice_with_a_smaller_ring():
+    # W0 (4 u) is used by op 0 and again by op 6 (two loads), W1-W5 (1 u each) by ops 1-5; 1 ms of compute per
+    # op, an 8 u arena (9 u of weights). The simple plan aims its ring at twice the largest working set (W0's
+    # 4 u): 8 u, nothing resident. W0 at 0 [0, 4], W1-W4 at 4-7 [4, 8]; W5 wraps to 0 (free after op 0),
+    # [8, 9]; W0 again at 1-4 (free after op 1), behind it [9, 13]. Ops [4, 5], [5, 6], [6, 7], [7, 8],
+    # [8, 9], [9, 10], [13, 14]: 14 ms.
+    # The sweep's ring of 1x the largest working set (4 u) leaves 4 u for the simple plan's first-ranked
+    # weight, W0 (loaded most often): W1-W4 [0, 4] through the 4 u ring, W5 over W1's bytes after op 1,
+    # [4, 5]; ops [0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6], [6, 7]: 7 ms.
+    prog = program([4 * U] + [U] * 5, [("m0", (0,), 0)] + [(f"m{i}", (i,), i) for i in range(1, 6)]
+                   + [("m6", (0,), 6)])
+    costs = cost_model([1] * 7)
+    simple = simple_for(prog, 8 * U)
+    assert simple.residents == () and simulate(simple, costs).total_s == pytest.approx(14 * MS)
+    cands = solve._Candidates(prog, costs, solve.use_runs(prog), simple, 8 * U, ALIGN, ALIGN)
+    solve._ring_sweep(cands)
+    one = [p for p in cands.plans if p.note == "the simple plan's order: 1 weights resident, a ring of 1x the "
+                                               "largest working set"]
+    assert len(one) == 1 and [r.weight for r in one[0].residents] == [0]
+    assert one[0].predicted_s == pytest.approx(7 * MS)
+    for p in cands.plans:
+        assert list(find_problems(p, prog)) == []
+    plan = solve_for(prog, costs, 8 * U)
+    assert_promises(plan, prog, costs, 8 * U)
+    assert plan.predicted_s == pytest.approx(7 * MS)
+
+
+def test_cp_sat_is_skipped_past_its_window_count_and_says_so():
+    # 30 ops in windows of one step: 31 windows, more than MAX_WINDOWS. The rounded relaxation and the sweep
+    # answer alone (or the simple plan), and the note says why CP-SAT did not.
+    prog = chain([U] * 30)
+    costs = cost_model([1] * 30)
+    settings = SolverSettings(time_limit_s=1.0, window_steps=1)
+    assert 31 > solve.MAX_WINDOWS
+    plan = solve_for(prog, costs, 4 * U, settings)
+    assert_promises(plan, prog, costs, 4 * U)
+    assert "CP-SAT skipped: 31 steps make 31 windows of 1" in plan.note
+    assert not plan.note.startswith("solver")
+
+
 # -- fallbacks ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def no_rounding(monkeypatch):
-    """The rounded relaxation offers no plan (its bound stays): each CP-SAT tier and the fallback answer alone."""
-    def bound_only(program, costs, runs, simple, avail, alignment, *rest):
-        return [], latency_bound(program, costs, avail, alignment).latency_s, None
+    """Neither the rounded relaxation nor the ring sweep offers a plan (the bound stays): each CP-SAT tier and
+    the fallback answer alone."""
+    def bound_only(cands, settings):
+        return latency_bound(cands.program, cands.costs, cands.avail, cands.alignment).latency_s, None
 
     monkeypatch.setattr(solve, "_relaxed_plans", bound_only)
+    monkeypatch.setattr(solve, "_ring_sweep", lambda cands: None)
 
 
 def test_one_slot_loads_every_weight_just_in_time():

@@ -89,6 +89,33 @@ def test_the_plan_loads_the_next_models_weights_during_the_current_call():
         wl.close()
 
 
+def test_use_solver_plans_a_sequence_across_models_and_stays_exact():
+    """`Workload.use_solver`: the sequence is profiled and planned by the solver; the plan passes the checker,
+    fits the budget and is the one later runs of that sequence use, and every output stays bit-identical.
+    The queue spec's "planner": "solver" takes the same path in `run_queue`."""
+    from flashmem.check import find_problems
+    from flashmem.solve import SolverSettings
+
+    wl, inputs, refs, _ = workload(0.35)
+    try:
+        order = ["llama", "mlp", "gpt2", "mlp"]
+        calls = calls_of(order, inputs)
+        check(wl.run(calls), order, refs)
+        simple = wl.plan
+        assert simple.status == "simple" and simple.loads
+        plan = wl.use_solver(calls, settings=SolverSettings(time_limit_s=2.0))
+        assert plan.status in ("optimal", "feasible", "fallback") and plan.predicted_s > 0
+        assert plan.bound_s is None or plan.bound_s <= plan.predicted_s * (1 + 1e-9)
+        assert list(find_problems(plan, wl.streamed.program)) == []
+        assert plan.total_bytes <= wl.streamed.budget_bytes
+        check(wl.run(calls), order, refs)
+        assert wl.plan == plan  # the sequence runs on the solver's plan from now on
+        with pytest.raises(flashmem.FlashmemError, match="no model named 'vit'"):
+            wl.use_solver([("vit", (inputs["mlp"],), {})])
+    finally:
+        wl.close()
+
+
 def test_traced_calls_compose_new_sequences_without_a_trace(monkeypatch):
     wl, inputs, refs, _ = workload(0.35)
     try:
@@ -227,7 +254,7 @@ def test_plan_summary_splits_the_arena_and_sorts_copies_by_size():
 
     KiB, MiB = 2**10, 2**20
     plan = SimpleNamespace(arena_bytes=100 * MiB, resident_bytes=60 * MiB, activation_bytes=8 * MiB,
-                           fixed_bytes=MiB, residents=(1, 2, 3), loads=tuple(range(7)))
+                           fixed_bytes=MiB, residents=(1, 2, 3), loads=tuple(range(7)), status="simple")
     sizes = [4 * KiB, 64 * KiB, 900 * KiB, MiB, 5 * MiB, 16 * MiB, 16 * MiB + 1]  # one group per load here
     mover = CudaMover.__new__(CudaMover)  # no GPU needed: copy_sizes reads the groups
     mover.groups = {step: [(torch.empty(n, dtype=torch.uint8, device="meta"), None, (), (step,))]
@@ -236,6 +263,7 @@ def test_plan_summary_splits_the_arena_and_sorts_copies_by_size():
     wl = SimpleNamespace(plan=plan, streamed=SimpleNamespace(_executor=SimpleNamespace(mover=mover)))
     s = plan_summary(wl)
     assert (s["ring_bytes"], s["residents"], s["loads"], s["copies"]) == (40 * MiB, 3, 7, 7)
+    assert s["status"] == "simple" and "note" not in s  # the solver's plans add their tier and prediction
     assert list(s["copy_sizes"].values()) == [(1, 4 * KiB), (2, 64 * KiB + 900 * KiB), (1, MiB), (1, 5 * MiB),
                                               (2, 32 * MiB + 1)]
     assert list(s["copy_sizes"]) == ["<64.00 KiB", "<1.00 MiB", "<4.00 MiB", "<16.00 MiB", ">=16.00 MiB"]

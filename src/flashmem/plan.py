@@ -367,23 +367,11 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
             f"at least {fmt_bytes(total_need)}", op=op.module, need_bytes=total_need, budget_bytes=budget_bytes)
 
     sizes = {w.index: align_up(w.nbytes, alignment) for w in program.weights}
-    first_use: dict[int, int] = {}
-    loads_of: dict[int, int] = {}
-    for r in runs:  # runs are in order of first use
-        first_use.setdefault(r.weight, r.first_use)
-        loads_of[r.weight] = loads_of.get(r.weight, 0) + 1
-    used = list(first_use)
-    if sum(sizes[w] for w in used) <= avail:
-        order = used  # everything fits: all resident, nothing streamed
+    ranked = resident_ranking(runs)
+    if sum(sizes[w] for w in ranked) <= avail:
+        order = list(dict.fromkeys(r.weight for r in runs))  # everything fits, in order of first use
     else:
-        # Residents save the most where a weight would be loaded most often (a tied head loaded at both ends
-        # of a call, a model called several times in a Workload's sequence): those first, then by first use.
-        ring_target = min(avail, 2 * need)
-        order, total = [], 0
-        for w in sorted(used, key=lambda w: -loads_of[w]):  # stable: in order of first use among equals
-            if total + sizes[w] <= avail - ring_target:
-                order.append(w)
-                total += sizes[w]
+        order = fill(ranked, sizes, avail - min(avail, 2 * need))  # the ring aims at twice the largest working set
     placed = ring_layout(program, runs, order, avail, alignment)
     if placed is None:
         # Placement is not monotone in the ring's size: the smallest ring that places every run may
@@ -405,6 +393,29 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
                                activation_bytes=activation_bytes, fixed_bytes=program.fixed_bytes,
                                alignment=alignment, residents=residents, loads=loads, n_ops=len(program.ops),
                                status="simple"))
+
+
+def resident_ranking(runs: list[UseRun]) -> list[int]:
+    """The weights `runs` use, in the order `simple_plan` keeps them resident: the weights loaded most often
+    first (a tied head loaded at both ends of a call, a model called several times in a Workload's
+    sequence: residency saves most there), then in order of first use."""
+    first_use: dict[int, int] = {}
+    loads_of: dict[int, int] = {}
+    for r in runs:  # runs are in order of first use
+        first_use.setdefault(r.weight, r.first_use)
+        loads_of[r.weight] = loads_of.get(r.weight, 0) + 1
+    return sorted(first_use, key=lambda w: -loads_of[w])  # stable: in order of first use among equals
+
+
+def fill(ranked: list[int], sizes: dict[int, int], capacity: int) -> list[int]:
+    """The weights of `ranked`, in its order, that fit `capacity` bytes taken greedily (one that does not
+    fit is skipped, later smaller ones may still go in)."""
+    order, total = [], 0
+    for w in ranked:
+        if total + sizes[w] <= capacity:
+            order.append(w)
+            total += sizes[w]
+    return order
 
 
 def ring_layout(program: Program, runs: list[UseRun], order: list[int], avail: int, alignment: int

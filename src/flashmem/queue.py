@@ -16,7 +16,9 @@ Models come from a transformers or diffusers class and a config (random weights,
 model folder. Inputs are keyword arguments: a tensor of `shape` (`dtype`, default the model's dtype;
 integers below `high`), or a plain `value`. `order` is "random" (each round a random permutation, from
 `seed`) or a list of model names (one round). Optional: "host_budget", "split_bytes", "cpu_reads" and
-"cuda_graphs" (true: the sequence replays as one CUDA graph from its third run on), as for `Workload`.
+"cuda_graphs" (true: the sequence replays as one CUDA graph from its third run on), as for `Workload`, and
+"planner" ("solver": after a first run the sequence is profiled and planned by the solver,
+`Workload.use_solver`; default "simple").
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class QueueSpec:
     host_budget_bytes: int | None = None  # CUDA: weights streamed from storage through a ring of this size
     split_bytes: int | None = None  # larger linear layers stream in blocks, larger tables are read by rows
     cuda_graphs: bool = False  # CUDA: the sequence replays as one CUDA graph from its second run on
+    planner: str = "simple"  # "solver": the sequence profiled and planned by the solver (`Workload.use_solver`)
 
     def sequence(self) -> list[str]:
         """The model names in call order: `rounds` rounds of `order` (a random permutation per round)."""
@@ -101,6 +104,9 @@ def parse_spec(raw: dict, base: Path = Path(".")) -> QueueSpec:
     dtype = DTYPES.get(raw.get("dtype", "float32"))
     if dtype is None or not dtype.is_floating_point:
         raise FlashmemError(f"dtype {raw.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    planner = raw.get("planner", "simple")
+    if planner not in ("simple", "solver"):
+        raise FlashmemError(f"planner {planner!r} is not \"simple\" or \"solver\"")
     order = raw.get("order", "random")
     if order != "random":
         order = tuple(order)
@@ -111,7 +117,7 @@ def parse_spec(raw: dict, base: Path = Path(".")) -> QueueSpec:
                      int(raw.get("rounds", 1)), order, int(raw.get("seed", 0)), raw.get("cpu_reads", "auto"),
                      parse_bytes(raw["host_budget"]) if raw.get("host_budget") is not None else None,
                      parse_bytes(raw["split_bytes"]) if raw.get("split_bytes") is not None else None,
-                     bool(raw.get("cuda_graphs", False)))
+                     bool(raw.get("cuda_graphs", False)), planner)
 
 
 def build_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0, fill_device: str = "cpu") -> nn.Module:
@@ -276,7 +282,10 @@ def plan_summary(wl) -> dict:
     plan = wl.plan
     out = {"arena_bytes": plan.arena_bytes, "resident_bytes": plan.resident_bytes,
            "ring_bytes": plan.arena_bytes - plan.resident_bytes, "activation_bytes": plan.activation_bytes,
-           "fixed_bytes": plan.fixed_bytes, "residents": len(plan.residents), "loads": len(plan.loads)}
+           "fixed_bytes": plan.fixed_bytes, "residents": len(plan.residents), "loads": len(plan.loads),
+           "status": plan.status}
+    if plan.status != "simple":  # the solver's: which tier answered, its prediction and its time
+        out.update(note=plan.note, predicted_s=plan.predicted_s, solve_s=plan.solve_s)
     mover = getattr(wl.streamed._executor, "mover", None)
     if hasattr(mover, "copy_sizes"):  # the CUDA movers (the CPU's read or map load by load)
         sizes = mover.copy_sizes()
@@ -318,6 +327,9 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, m
     device = torch.device(spec.device)
     if repeats < 1:
         raise FlashmemError(f"repeats is {repeats}; run the sequence at least once (repeats=1)")
+    if spec.planner == "solver" and not warmup:
+        raise FlashmemError("planner \"solver\" needs the warm-up runs (the first runs the simple plan the solver "
+                            "starts from)")
     if (time_copies or not merge_copies) and device.type == "cuda" and not warmup:
         raise FlashmemError("time_copies and merge_copies=False need the warm-up runs (the first plans the sequence)")
     models = {m.name: build_model(m, spec.dtype, seed=i) for i, m in enumerate(spec.models)}
@@ -335,6 +347,8 @@ def run_queue(spec: QueueSpec, warmup: bool = True, time_copies: bool = False, m
     try:
         for k in range((3 if spec.cuda_graphs else 1) if warmup else 0):
             wl.run(calls)
+            if k == 0 and spec.planner == "solver":  # the simple plan ran once: profile, solve, switch
+                wl.use_solver(calls)
             if k == 0 and device.type == "cuda":  # the sequence's own plan is made by now
                 mover = wl.streamed._executor.mover
                 mover.record_loads = time_copies

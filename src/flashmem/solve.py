@@ -17,10 +17,13 @@ Before CP-SAT, the latency bound's linear relaxation (`bound.py`) is rounded int
 resident in order of their resident share there, rings of one to six times the largest working set, each
 laid out as the simple plan lays out its ring and predicted by `costs.simulate`; on CUDA, where adjacent
 loads merge into one copy, each also with its small resident weights between two streamed neighbours
-streamed (`merge_breakers`). Every plan's small loads then wait to share the next load's copy
+streamed (`merge_breakers`). The simple plan's own resident order is tried with rings of the same sizes,
+and of twice the largest working set of what it streams (`_ring_sweep`: no relaxation needed, so for a
+program of any length). Every candidate's small loads wait to share the next load's copy
 (`plan.coalesce_loads`). The best of them and the simple plan is CP-SAT's hint. Past 600 steps the
 relaxation is windowed (a guide, not a bound), limited to a share of the time limit and skipped where it
-would be too large to build. Long programs are solved in a rolling window of steps, each window with what
+would be too large to build; past MAX_WINDOWS windows CP-SAT is skipped too (a Workload's sequence).
+Long programs are solved in a rolling window of steps, each window with what
 earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved). Offsets are
 assigned after solving (first fit in time and space). Tiers: the solver's plan; the solver with a tighter
 arena (more room for placement); the rounded relaxation; the simple plan. The plan returned is the one
@@ -41,8 +44,8 @@ from .check import find_problems
 from .errors import FlashmemError
 from .costs import CostModel, simulate
 from .bound import BoundNotSolved, latency_bound
-from .plan import (Load, Plan, Resident, UseRun, arena_limit, coalesce_loads, minimum_ring, place_ring, ring_layout,
-                   simple_plan, use_runs)
+from .plan import (Load, Plan, Resident, UseRun, arena_limit, coalesce_loads, fill, minimum_ring, place_ring,
+                   resident_ranking, ring_layout, simple_plan, use_runs)
 from .trace import Program
 from .units import align_up
 
@@ -267,7 +270,7 @@ def merge_breakers(program: Program, resident: list[int], streamed: list[int]) -
             and program.weights[w].nbytes < MERGE_SMALL_BYTES}
 
 
-RING_FACTORS = (1, 1.5, 2, 3, 4, 6)  # rounded relaxation: ring sizes, in largest working sets
+RING_FACTORS = (1, 1.5, 2, 3, 4, 6)  # the rounded relaxation and the ring sweep: ring sizes, in largest working sets
 EXACT_BOUND_OPS = 600  # longer programs get a windowed relaxation (a guide, not a bound)
 # CP-SAT's deterministic time over its three tiers, as a share of time_limit_s: fixed, not what the wall clock
 # leaves after the relaxation tier, so that a plan depends on the seed alone and not on the machine's load.
@@ -276,68 +279,96 @@ GUIDE_SHARE = 0.25  # of time_limit_s: the windowed relaxation of a long program
 # The relaxation's residency rows have a term per use run and step: past this many, building it alone takes
 # seconds (a 1,571-step program with 2,410 runs, 3.8M terms: 8 s to build, minutes to solve on 2 cores)
 GUIDE_MAX_TERMS = 1_000_000
+# CP-SAT's rolling windows per tier: past this many (a Workload's sequence of 50 calls makes 125), building
+# the windows' models alone takes minutes (about 0.4 s each on 2 cores), and the prediction-guided tiers
+# (the relaxation's rounding where it fits, the ring sweep) answer alone
+MAX_WINDOWS = 24
 
 
-def _relaxed_plans(program: Program, costs: CostModel, runs: list[UseRun], simple: Plan, avail: int,
-                   alignment: int, granularity: int, settings: "SolverSettings"
-                   ) -> tuple[list[Plan], float | None, str | None]:
-    """Plans rounded from the relaxation, predicted; the bound (None where the relaxation was windowed); and
-    why there are none where the relaxation was skipped (else None)."""
+class _Candidates:
+    """Plans that keep an order of weights resident and stream the rest through the ring, as `simple_plan`
+    lays them out, each checked and predicted; a resident set seen before is skipped."""
+
+    def __init__(self, program: Program, costs: CostModel, runs: list[UseRun], simple: Plan, avail: int,
+                 alignment: int, granularity: int):
+        self.program, self.costs, self.runs, self.simple = program, costs, runs, simple
+        self.avail, self.alignment, self.granularity = avail, alignment, granularity
+        self.plans: list[Plan] = []
+        self.seen: set[frozenset] = set()
+
+    def add(self, order: list[int], note: str) -> None:
+        """The plan of `order` resident, where it places and is new; `note` says how it was made, `{n}` there
+        the number of weights it keeps resident."""
+        if frozenset(order) in self.seen:
+            return
+        self.seen.add(frozenset(order))
+        placed = ring_layout(self.program, self.runs, order, self.avail, self.alignment)
+        if placed is None:
+            return
+        residents, loads, resident_bytes, ring_bytes = placed
+        plan = coalesce_loads(replace(self.simple, arena_bytes=align_up(resident_bytes + ring_bytes, self.granularity),
+                                      resident_bytes=resident_bytes, residents=residents, loads=loads,
+                                      status="feasible", note=note.format(n=len(residents))))
+        if not list(find_problems(plan, self.program)):
+            self.plans.append(replace(plan, predicted_s=simulate(plan, self.costs).total_s))
+        self.add_merged(order, plan, note)
+
+    def add_merged(self, order: list[int], plan: Plan, note: str) -> None:
+        """On CUDA, where adjacent loads merge into one copy: `order` less the small resident weights that
+        split two of `plan`'s streamed neighbours."""
+        if self.simple.device.startswith("cuda"):
+            breakers = merge_breakers(self.program, [r.weight for r in plan.residents], [l.weight for l in plan.loads])
+            if breakers:
+                self.add([w for w in order if w not in breakers],
+                         f"{note}; {len(breakers)} small weights streamed with their neighbours")
+
+
+def _ring_sweep(cands: _Candidates) -> None:
+    """The simple plan's resident order (`plan.resident_ranking`) with rings of RING_FACTORS times the largest
+    working set, and of twice the largest working set of what then streams (smaller where the largest of
+    all stays resident, a tied embedding say): the ring's size chosen by prediction, for any program's
+    length (no relaxation needed)."""
+    program, runs, alignment, avail = cands.program, cands.runs, cands.alignment, cands.avail
+    kept = {r.weight for r in cands.simple.residents}
+    cands.seen.add(frozenset(kept))  # the simple plan's own resident set is the simple plan
+    sizes = {w.index: align_up(w.nbytes, alignment) for w in program.weights}
+    ranked = resident_ranking(runs)
+    need = minimum_ring(program, runs, alignment)[0]
+    rings = {f"{factor}x the largest working set": factor * need for factor in RING_FACTORS}
+    streamed = [r for r in runs if r.weight not in kept]
+    if streamed:
+        rings["twice the largest streamed working set"] = 2 * minimum_ring(program, streamed, alignment)[0]
+    for label, ring in rings.items():
+        cands.add(fill(ranked, sizes, avail - min(avail, int(ring))),
+                  f"the simple plan's order: {{n}} weights resident, a ring of {label}")
+    # its merge-aware variant is not the simple plan
+    first = {w: k for k, w in enumerate(dict.fromkeys(r.weight for r in runs))}
+    cands.add_merged(sorted(kept, key=first.__getitem__), cands.simple, "the simple plan's resident set")
+
+
+def _relaxed_plans(cands: _Candidates, settings: "SolverSettings") -> tuple[float | None, str | None]:
+    """Plans rounded from the relaxation, into `cands`; the bound (None where the relaxation was windowed);
+    and why there are none where the relaxation was skipped (else None)."""
+    program, costs, runs, avail, alignment = cands.program, cands.costs, cands.runs, cands.avail, cands.alignment
     exact = len(program.ops) <= EXACT_BOUND_OPS
     if not exact and len(runs) * len(program.ops) > GUIDE_MAX_TERMS:
-        return [], None, (f"relaxation skipped: {len(runs)} use runs over {len(program.ops)} steps would take "
-                          f"longer to build than the time limit allows")
+        return None, (f"relaxation skipped: {len(runs)} use runs over {len(program.ops)} steps would take "
+                      f"longer to build than the time limit allows")
     try:  # a long program's windowed relaxation is a guide only, and gets a share of the time limit
         relaxed = latency_bound(program, costs, avail, alignment, window_steps=None if exact else 4 * settings.lookahead,
                                 time_limit_s=None if exact else GUIDE_SHARE * settings.time_limit_s)
     except BoundNotSolved as err:
-        return [], None, f"relaxation skipped: {err}"
+        return None, f"relaxation skipped: {err}"
     first: dict[int, int] = {}
     for r in runs:
         first.setdefault(r.weight, r.first_use)
     size = {w: align_up(program.weights[w].nbytes, alignment) for w in first}
     ranked = sorted(first, key=lambda w: (-relaxed.resident_share[w], first[w]))
     need = minimum_ring(program, runs, alignment)[0]
-    plans, seen = [], set()
-
-    def candidate(order: list[int], note: str) -> None:
-        """The plan of `order` resident and the rest through the ring, predicted, where it places and is new;
-        `note` says how it was made, `{n}` there the number of weights it keeps resident."""
-        if tuple(order) in seen:
-            return
-        seen.add(tuple(order))
-        placed = ring_layout(program, runs, order, avail, alignment)
-        if placed is None:
-            return
-        residents, loads, resident_bytes, ring_bytes = placed
-        plan = coalesce_loads(replace(simple, arena_bytes=align_up(resident_bytes + ring_bytes, granularity),
-                                      resident_bytes=resident_bytes, residents=residents, loads=loads,
-                                      status="feasible", note=note.format(n=len(residents))))
-        if not list(find_problems(plan, program)):
-            plans.append(replace(plan, predicted_s=simulate(plan, costs).total_s))
-        if simple.device.startswith("cuda"):  # the copies merge: try the small weights that split them streamed
-            breakers = merge_breakers(program, [r.weight for r in residents], [l.weight for l in loads])
-            if breakers:
-                candidate([w for w in order if w not in breakers],
-                          f"{note}; {len(breakers)} small weights streamed with their neighbours")
-
     for factor in RING_FACTORS:
-        order, total = [], 0
-        for w in ranked:
-            if total + size[w] <= avail - factor * need:
-                order.append(w)
-                total += size[w]
-        order.sort(key=lambda w: first[w])
-        candidate(order, f"relaxation rounded: {{n}} weights resident, a ring of {factor}x the largest working set")
-    # the simple plan's resident set itself is a plan already (the simple plan); its merge-aware variant is not
-    seen.add(tuple(sorted((r.weight for r in simple.residents), key=lambda w: first[w])))
-    if simple.device.startswith("cuda"):
-        breakers = merge_breakers(program, [r.weight for r in simple.residents], [l.weight for l in simple.loads])
-        if breakers:
-            candidate(sorted((r.weight for r in simple.residents if r.weight not in breakers), key=lambda w: first[w]),
-                      f"the simple plan's resident set less {len(breakers)} small weights, streamed with their "
-                      f"neighbours")
-    return plans, relaxed.latency_s if exact else None, None
+        order = sorted(fill(ranked, size, avail - factor * need), key=lambda w: first[w])
+        cands.add(order, f"relaxation rounded: {{n}} weights resident, a ring of {factor}x the largest working set")
+    return relaxed.latency_s if exact else None, None
 
 
 def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device: str, alignment: int,
@@ -356,15 +387,24 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
     runs = use_runs(program)
     # Sizes in units of the alignment: exact, as the arena allocates them.
     size_u = {w.index: align_up(w.nbytes, alignment) // alignment for w in program.weights}
-    relaxed, bound_s, skipped = _relaxed_plans(program, costs, runs, simple, avail, alignment, granularity, settings)
+    cands = _Candidates(program, costs, runs, simple, avail, alignment, granularity)
+    bound_s, skipped = _relaxed_plans(cands, settings)
+    _ring_sweep(cands)
+    relaxed = cands.plans
     good_s = simple.predicted_s * (1 - settings.min_gain)  # what a plan must beat to replace the simple one
     best = min([simple] + [p for p in relaxed if p.predicted_s <= good_s], key=lambda p: p.predicted_s)
     hint = _hint_from(best, runs)
     n_steps = len(program.ops) + 1
     notes = [skipped] if skipped else []
     budget_s = CP_SAT_SHARE * settings.time_limit_s
-    for tier, shrink in (("solver", 1.0), ("solver, arena tightened by 10% for placement", 0.9),
-                         ("solver, arena tightened by 25% for placement", 0.75)):
+    tiers = (("solver", 1.0), ("solver, arena tightened by 10% for placement", 0.9),
+             ("solver, arena tightened by 25% for placement", 0.75))
+    n_windows = -(-n_steps // settings.window_steps)
+    if n_windows > MAX_WINDOWS:
+        notes.append(f"CP-SAT skipped: {n_steps} steps make {n_windows} windows of {settings.window_steps}, more "
+                     f"than {MAX_WINDOWS} (building each takes about 0.4 s); raise window_steps to plan them with it")
+        tiers = ()
+    for tier, shrink in tiers:
         arena_u = int(avail * shrink) // alignment
         done = _Decisions()
         ok = True

@@ -520,7 +520,8 @@ class StreamedModel:
         if self._host_budget_bytes is not None:
             raise FlashmemError("the solver does not model the storage link yet; a model streamed under a "
                                 "host_budget keeps the simple plan")
-        args, kwargs = tree_map(self._to_device, (args, kwargs))
+        if self.move_inputs:  # (a Workload's calls move their own inputs, one call at a time)
+            args, kwargs = tree_map(self._to_device, (args, kwargs))
         self(*args, **kwargs)  # plans this input's signature with the simple planner if needed
         program, simple = self._current
         settings = settings or SolverSettings()

@@ -4,7 +4,8 @@ The models become children of one module whose forward makes a sequence of calls
 like any model, so a sequence of calls is one program and gets one plan: resident sets are chosen across
 the models, one ring serves them all, and the next model's first weights load while the current one
 finishes. A sequence is traced once; a later sequence whose calls (model and input signature) were all
-traced before is composed from those traced parts and planned without running anything.
+traced before is composed from those traced parts and planned without running anything. `use_solver`
+profiles a sequence and plans it with the solver instead of the simple planner.
 
     wl = flashmem.Workload({"vit": vit, "gpt": gpt}, budget="1.5GB", device="cuda",
                            examples={"vit": ((pixels,), {}), "gpt": ((ids,), {})})
@@ -233,14 +234,28 @@ class Workload:
                        fixed_bytes=self.streamed._fixed_bytes, signature=signature)
 
     # -- running -----------------------------------------------------------------------------------------
-    def run(self, calls: list[Call]) -> list[CallResult]:
-        """Run `calls` in order; one result per call. A failed call's result holds its exception, and the
-        calls after it still run."""
+    def _checked(self, calls: list[Call]) -> list[Call]:
         calls = [(name, tuple(args), dict(kwargs)) for name, args, kwargs in calls]
         unknown = sorted({name for name, _, _ in calls} - set(self.names))
         if unknown:
             raise FlashmemError(f"no model named {', '.join(map(repr, unknown))} in this Workload "
                                 f"(it has {', '.join(map(repr, self.names))})")
+        return calls
+
+    def use_solver(self, calls: list[Call], settings=None, cache_dir=None):
+        """Profile the sequence `calls` on the device and plan it with the solver (`StreamedModel.use_solver`):
+        the resident set, the ring's size and each load's start chosen across the models by predicted
+        latency; later runs of the same sequence (the same models and input signatures in the same order)
+        run on that plan, which the solver keeps only where it beats the simple plan. The sequence runs a
+        few times for the profile; a call that fails there fails this method. Returns the plan."""
+        calls = self._checked(calls)
+        with torch.no_grad():
+            return self.streamed.use_solver((tuple(calls),), {}, settings=settings, cache_dir=cache_dir)
+
+    def run(self, calls: list[Call]) -> list[CallResult]:
+        """Run `calls` in order; one result per call. A failed call's result holds its exception, and the
+        calls after it still run."""
+        calls = self._checked(calls)
         results: list[CallResult] = []
         runner = self.streamed._graphs
         done = 0
