@@ -31,7 +31,7 @@ import torch
 
 from .errors import FlashmemError
 from .files import pread_into
-from .plan import previous_holders
+from .plan import follows, previous_holders
 
 
 @dataclass(frozen=True)
@@ -707,8 +707,7 @@ def copy_merges(plan) -> list[bool]:
     if plan.device.startswith("cuda"):
         for j in range(1, len(loads)):
             a, b = loads[j - 1], loads[j]
-            gap = b.offset_bytes - (a.offset_bytes + a.nbytes)
-            merged[j] = (a.start_step == b.start_step and b.weight == a.weight + 1 and 0 <= gap < plan.alignment)
+            merged[j] = a.start_step == b.start_step and follows(a, b, plan.alignment)
     return merged
 
 

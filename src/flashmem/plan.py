@@ -192,11 +192,17 @@ def coalesce_loads(plan: Plan, max_bytes: int = SMALL_LOAD_BYTES) -> Plan:
     loads = list(plan.loads)
     for j in range(len(loads) - 2, -1, -1):  # from the end: a chain of small loads joins the copy after it
         a, b = loads[j], loads[j + 1]
-        gap = b.offset_bytes - (a.offset_bytes + a.nbytes)
-        if (a.nbytes < max_bytes and b.weight == a.weight + 1 and 0 <= gap < plan.alignment
-                and a.start_step < b.start_step <= a.first_use):
+        if a.nbytes < max_bytes and follows(a, b, plan.alignment) and a.start_step < b.start_step <= a.first_use:
             loads[j] = replace(a, start_step=b.start_step)
     return replace(plan, loads=tuple(loads))
+
+
+def follows(a: Load, b: Load, alignment: int) -> bool:
+    """Whether load `b` lands right after load `a` in the arena (only alignment padding between) and holds
+    the next weight (the pinned buffer keeps weights in index order): on CUDA, the two can move as one copy
+    where they are issued at one step."""
+    gap = b.offset_bytes - (a.offset_bytes + a.nbytes)
+    return b.weight == a.weight + 1 and 0 <= gap < alignment
 
 
 @dataclass(frozen=True)

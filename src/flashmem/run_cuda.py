@@ -310,10 +310,9 @@ class CudaMover:
                 dst.copy_(src, non_blocking=True)
         replay = run_all
         if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=self.copy_stream):
-                run_all()
-            replay = g.replay
+            from .costs import _capture
+
+            replay = _capture(run_all, self.device).replay
         times = []
         for _ in range(repeats):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

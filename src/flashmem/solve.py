@@ -295,6 +295,11 @@ class _Candidates:
         self.avail, self.alignment, self.granularity = avail, alignment, granularity
         self.plans: list[Plan] = []
         self.seen: set[frozenset] = set()
+        self.sizes = {w.index: align_up(w.nbytes, alignment) for w in program.weights}
+        self.first_use: dict[int, int] = {}  # per weight used, its first use (in that order)
+        for r in runs:
+            self.first_use.setdefault(r.weight, r.first_use)
+        self.need = minimum_ring(program, runs, alignment)[0]  # the largest working set
 
     def add(self, order: list[int], note: str) -> None:
         """The plan of `order` resident, where it places and is new; `note` says how it was made, `{n}` there
@@ -328,22 +333,20 @@ def _ring_sweep(cands: _Candidates) -> None:
     working set, and of twice the largest working set of what then streams (smaller where the largest of
     all stays resident, a tied embedding say): the ring's size chosen by prediction, for any program's
     length (no relaxation needed)."""
-    program, runs, alignment, avail = cands.program, cands.runs, cands.alignment, cands.avail
+    runs, avail = cands.runs, cands.avail
     kept = {r.weight for r in cands.simple.residents}
     cands.seen.add(frozenset(kept))  # the simple plan's own resident set is the simple plan
-    sizes = {w.index: align_up(w.nbytes, alignment) for w in program.weights}
     ranked = resident_ranking(runs)
-    need = minimum_ring(program, runs, alignment)[0]
-    rings = {f"{factor}x the largest working set": factor * need for factor in RING_FACTORS}
+    rings = {f"{factor}x the largest working set": factor * cands.need for factor in RING_FACTORS}
     streamed = [r for r in runs if r.weight not in kept]
     if streamed:
-        rings["twice the largest streamed working set"] = 2 * minimum_ring(program, streamed, alignment)[0]
+        streamed_need = minimum_ring(cands.program, streamed, cands.alignment)[0]
+        rings["twice the largest streamed working set"] = 2 * streamed_need
     for label, ring in rings.items():
-        cands.add(fill(ranked, sizes, avail - min(avail, int(ring))),
+        cands.add(fill(ranked, cands.sizes, avail - min(avail, int(ring))),
                   f"the simple plan's order: {{n}} weights resident, a ring of {label}")
     # its merge-aware variant is not the simple plan
-    first = {w: k for k, w in enumerate(dict.fromkeys(r.weight for r in runs))}
-    cands.add_merged(sorted(kept, key=first.__getitem__), cands.simple, "the simple plan's resident set")
+    cands.add_merged(sorted(kept, key=cands.first_use.__getitem__), cands.simple, "the simple plan's resident set")
 
 
 def _relaxed_plans(cands: _Candidates, settings: "SolverSettings") -> tuple[float | None, str | None]:
@@ -359,14 +362,10 @@ def _relaxed_plans(cands: _Candidates, settings: "SolverSettings") -> tuple[floa
                                 time_limit_s=None if exact else GUIDE_SHARE * settings.time_limit_s)
     except BoundNotSolved as err:
         return None, f"relaxation skipped: {err}"
-    first: dict[int, int] = {}
-    for r in runs:
-        first.setdefault(r.weight, r.first_use)
-    size = {w: align_up(program.weights[w].nbytes, alignment) for w in first}
+    first = cands.first_use
     ranked = sorted(first, key=lambda w: (-relaxed.resident_share[w], first[w]))
-    need = minimum_ring(program, runs, alignment)[0]
     for factor in RING_FACTORS:
-        order = sorted(fill(ranked, size, avail - factor * need), key=lambda w: first[w])
+        order = sorted(fill(ranked, cands.sizes, avail - factor * cands.need), key=first.__getitem__)
         cands.add(order, f"relaxation rounded: {{n}} weights resident, a ring of {factor}x the largest working set")
     return relaxed.latency_s if exact else None, None
 
