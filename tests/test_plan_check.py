@@ -272,6 +272,25 @@ def test_d_the_weight_loaded_twice_is_the_resident():
     assert_movers_keep_it(plan, D)
 
 
+# Program E: a large tied weight at both ends of the call, W0 (256 B) used by op 0 and by op 6 'head', and
+# W1-W5 (100 B -> 128 B each) by ops 1-5. The largest working set is W0's 256 B.
+E = program([256] + [100] * 5, [("m0", (0,), 0)] + [(f"m{i}", (i,), i) for i in range(1, 6)]
+            + [("head", (0,), 6)])
+
+
+def test_e_the_ring_shrinks_to_what_streams():
+    # Budget 768. Beside a ring of twice the largest working set (512 B), 256 B stay for residents: W0,
+    # loaded twice otherwise. What still streams needs at most 128 B at once, so the ring shrinks to 256 B
+    # and W1, W2 stay resident too (300 B streamed instead of 500 B). The ring [512, 768): W3 -> 512 and
+    # W4 -> 640, free from the start, issued at op 0; W5 wraps to 512, which W3 holds until op 3: op 4.
+    plan = plan_for(E, 768)
+    assert [(r.weight, r.offset_bytes) for r in plan.residents] == [(0, 0), (1, 256), (2, 384)]
+    assert loads_as_tuples(plan) == [(3, 0, 3, 3, 3, 512), (4, 0, 4, 4, 4, 640), (5, 4, 5, 5, 5, 512)]
+    assert plan.streamed_bytes == 300 and plan.arena_bytes == 768
+    assert_valid(plan, E)
+    assert_movers_keep_it(plan, E)
+
+
 # Program B: a container with its own weight around two nested ops, and the container's weight used
 # again right after it (a tied head):
 #   op 0 'block'   uses W0 (200 B -> 256 B), exits after op 2

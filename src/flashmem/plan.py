@@ -355,10 +355,10 @@ def arena_limit(budget_bytes: int, activation_bytes: int, fixed_bytes: int, gran
 
 def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: int,
                 activation_bytes: int, granularity: int = 1) -> "Plan":
-    """Keep what fits resident (the weights loaded most often first, then in order of first use), stream
-    the rest through a ring, each load starting as soon as the bytes it lands on are free (on CUDA a small
-    load waits to move with the next, `coalesce_loads`). Raises
-    BudgetTooSmall if nothing fits."""
+    """Keep what fits resident (the weights loaded most often first, then in order of first use) beside a
+    ring of twice the largest working set of what streams (`ring_order`), stream the rest through that ring,
+    each load starting as soon as the bytes it lands on are free (on CUDA a small load waits to move with
+    the next, `coalesce_loads`). Raises BudgetTooSmall if nothing fits."""
     runs = use_runs(program)
     fixed = activation_bytes + program.fixed_bytes
     avail = arena_limit(budget_bytes, activation_bytes, program.fixed_bytes, granularity)
@@ -377,7 +377,7 @@ def simple_plan(program: Program, *, budget_bytes: int, device: str, alignment: 
     if sum(sizes[w] for w in ranked) <= avail:
         order = list(dict.fromkeys(r.weight for r in runs))  # everything fits, in order of first use
     else:
-        order = fill(ranked, sizes, avail - min(avail, 2 * need))  # the ring aims at twice the largest working set
+        order = ring_order(program, runs, ranked, sizes, avail, need, alignment)
     placed = ring_layout(program, runs, order, avail, alignment)
     if placed is None:
         # Placement is not monotone in the ring's size: the smallest ring that places every run may
@@ -411,6 +411,23 @@ def resident_ranking(runs: list[UseRun]) -> list[int]:
         first_use.setdefault(r.weight, r.first_use)
         loads_of[r.weight] = loads_of.get(r.weight, 0) + 1
     return sorted(first_use, key=lambda w: -loads_of[w])  # stable: in order of first use among equals
+
+
+def ring_order(program: Program, runs: list[UseRun], ranked: list[int], sizes: dict[int, int], avail: int,
+               need: int, alignment: int) -> list[int]:
+    """The weights of `ranked` that `simple_plan` keeps resident in `avail` bytes of arena: those that fit
+    beside a ring of twice the largest working set (`need`); where that working set stays resident (a tied
+    embedding, loaded at both ends of a call), then more of them, beside a ring of twice the largest working
+    set of what still streams. The ring holds a load for the op in progress and one for the next."""
+    order = fill(ranked, sizes, avail - min(avail, 2 * need))
+    kept = set(order)
+    streamed = [r for r in runs if r.weight not in kept]
+    if streamed:
+        less = minimum_ring(program, streamed, alignment)[0]
+        room = avail - min(avail, 2 * less) - sum(sizes[w] for w in order)
+        if less < need and room > 0:
+            order += fill([w for w in ranked if w not in kept], sizes, room)
+    return order
 
 
 def fill(ranked: list[int], sizes: dict[int, int], capacity: int) -> list[int]:

@@ -330,9 +330,9 @@ class _Candidates:
 
 def _ring_sweep(cands: _Candidates) -> None:
     """The simple plan's resident order (`plan.resident_ranking`) with rings of RING_FACTORS times the largest
-    working set, and of twice the largest working set of what then streams (smaller where the largest of
-    all stays resident, a tied embedding say): the ring's size chosen by prediction, for any program's
-    length (no relaxation needed)."""
+    working set, and of twice the largest working set of what the simple plan streams, filled afresh in that
+    order (the simple plan extends its first fill instead, `plan.ring_order`): the ring's size chosen by
+    prediction, for any program's length (no relaxation needed)."""
     runs, avail = cands.runs, cands.avail
     kept = {r.weight for r in cands.simple.residents}
     cands.seen.add(frozenset(kept))  # the simple plan's own resident set is the simple plan
