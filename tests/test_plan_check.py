@@ -291,6 +291,29 @@ def test_e_the_ring_shrinks_to_what_streams():
     assert_movers_keep_it(plan, E)
 
 
+# Program F: an untied head much larger than the rest: W0-W3 (100 B -> 128 B) used by ops 0-3, W4 (500 B ->
+# 512 B) by op 4 'head'. The largest working set is the head's 512 B; every other op needs 128 B.
+F = program([100] * 4 + [500], [(f"m{i}", (i,), i) for i in range(4)] + [("head", (4,), 4)])
+
+
+def test_f_the_head_stays_so_the_ring_shrinks():
+    # Budget 896: a ring of twice the head (1024 B) would take it all, nothing resident, 900 B streamed.
+    # Keeping the head resident (512 B) shrinks the ring to twice 128 B, 768 B less: so the head stays, and
+    # in the 128 B that leaves, W0 (first by first use). W1-W3 stream through the ring [640, 896): W1 -> 640
+    # and W2 -> 768 at op 0, W3 wraps to 640, which W1 holds until op 1: issued at op 2. 300 B streamed.
+    # Keeping W1 too would shrink the ring by nothing.
+    plan = plan_for(F, 896)
+    assert [(r.weight, r.offset_bytes) for r in plan.residents] == [(4, 0), (0, 512)]
+    assert loads_as_tuples(plan) == [(1, 0, 1, 1, 1, 640), (2, 0, 2, 2, 2, 768), (3, 2, 3, 3, 3, 640)]
+    assert plan.streamed_bytes == 300 and plan.arena_bytes == 896
+    assert_valid(plan, F)
+    assert_movers_keep_it(plan, F)
+    # With 767 B the head and a 256 B ring do not fit beside each other: all five stream.
+    plan = plan_for(F, 767)
+    assert plan.residents == () and plan.streamed_bytes == 900
+    assert_valid(plan, F)
+
+
 # Program B: a container with its own weight around two nested ops, and the container's weight used
 # again right after it (a tied head):
 #   op 0 'block'   uses W0 (200 B -> 256 B), exits after op 2

@@ -247,20 +247,22 @@ def test_overhead_counts_per_copy():
     assert simulate(simple_for(A, 384), costs).total_s == pytest.approx(13 * MS)
 
 
-def test_the_ring_sweep_keeps_a_weight_loaded_twice_with_a_smaller_ring():
+def test_a_weight_loaded_twice_stays_beside_a_smaller_ring():
     # W0 (4 u) is used by op 0 and again by op 6 (two loads), W1-W5 (1 u each) by ops 1-5; 1 ms of compute per
-    # op, an 8 u arena (9 u of weights). The simple plan aims its ring at twice the largest working set (W0's
-    # 4 u): 8 u, nothing resident. W0 at 0 [0, 4], W1-W4 at 4-7 [4, 8]; W5 wraps to 0 (free after op 0),
-    # [8, 9]; W0 again at 1-4 (free after op 1), behind it [9, 13]. Ops [4, 5], [5, 6], [6, 7], [7, 8],
-    # [8, 9], [9, 10], [13, 14]: 14 ms.
-    # The sweep's ring of 1x the largest working set (4 u) leaves 4 u for the simple plan's first-ranked
-    # weight, W0 (loaded most often): W1-W4 [0, 4] through the 4 u ring, W5 over W1's bytes after op 1,
-    # [4, 5]; ops [0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6], [6, 7]: 7 ms.
+    # op, an 8 u arena (9 u of weights), the link 1 u a ms. A ring of twice the largest working set (W0's
+    # 4 u) would take the whole arena, nothing resident: W0 at 0 [0, 4], W1-W4 at 4-7 [4, 8]; W5 wraps to 0
+    # (free after op 0), [8, 9]; W0 again at 1-4 (free after op 1), behind it [9, 13]. Ops [4, 5], [5, 6],
+    # [6, 7], [7, 8], [8, 9], [9, 10], [13, 14]: 14 ms.
+    # The simple plan keeps W0 resident instead (the ring then needs twice 1 u: 6 u less), and W1, W2 in
+    # the 2 u that leaves; W3, W4 stream at op 0 [0, 1], [1, 2], W5 over W3's bytes after op 3, [4, 5]: ops
+    # [0, 1] ... [6, 7], 7 ms. The sweep's ring of 1x the largest working set (4 u) keeps W0 and streams
+    # W1-W5: W1-W4 [0, 4], W5 over W1's bytes after op 1, [4, 5]: also 7 ms.
     prog = program([4 * U] + [U] * 5, [("m0", (0,), 0)] + [(f"m{i}", (i,), i) for i in range(1, 6)]
                    + [("m6", (0,), 6)])
     costs = cost_model([1] * 7)
     simple = simple_for(prog, 8 * U)
-    assert simple.residents == () and simulate(simple, costs).total_s == pytest.approx(14 * MS)
+    assert [r.weight for r in simple.residents] == [0, 1, 2]
+    assert simulate(simple, costs).total_s == pytest.approx(7 * MS)
     cands = solve._Candidates(prog, costs, solve.use_runs(prog), simple, 8 * U, ALIGN, ALIGN)
     solve._ring_sweep(cands)
     one = [p for p in cands.plans if p.note == "the simple plan's order: 1 weights resident, a ring of 1x the "
