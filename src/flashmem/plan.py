@@ -436,7 +436,8 @@ def ring_order(program: Program, runs: list[UseRun], ranked: list[int], sizes: d
         more = fill([w for w in ranked if w not in kept], sizes, room) if room > 0 else []
         if not more:
             top = list(dict.fromkeys(r.weight for r in streamed if r.first_use <= step <= r.last_use))
-            rest = [r for r in streamed if r.weight not in set(top)]
+            top_set = set(top)
+            rest = [r for r in streamed if r.weight not in top_set]
             after = minimum_ring(program, rest, alignment)[0] if rest else 0
             cost = sum(sizes[w] for w in top)
             if 2 * (peak - after) <= cost or held + cost + 2 * after > avail:
