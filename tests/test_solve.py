@@ -276,6 +276,36 @@ def test_a_weight_loaded_twice_stays_beside_a_smaller_ring():
     assert plan.predicted_s == pytest.approx(7 * MS)
 
 
+def test_the_ring_sweep_varies_the_ring_beside_the_simple_plans_own_residents():
+    # An untied head much larger than the rest: W0-W3 (1 u) used by ops 0-3, W4 (4 u) by op 4; 1 ms of
+    # compute per op, a 7 u arena, the link 1 u a ms. The simple plan keeps the head resident (the ring then
+    # needs twice 1 u instead of twice 4 u) and W0; W1-W3 stream through a 2 u ring: W1 [0, 1], W2 [1, 2],
+    # W3 over W1's bytes after op 1, [2, 3]; ops [0, 1] ... [4, 5]: 5 ms, its compute.
+    # Beside its residents, in their order, the sweep tries rings of RING_FACTORS times 1 u:
+    # - 1x: W4, W0 and one more, W1, resident; W2 [0, 1], W3 over W2's bytes after op 2, [3, 4]: ops [0, 1],
+    #   [1, 2], [2, 3], [4, 5], [5, 6]: 6 ms.
+    # - 1.5x and 2x leave the simple plan's set; 3x keeps only W4 (W0 no longer fits): W0 [0, 1], W1 [1, 2],
+    #   W2 [2, 3], W3 over W0's bytes after op 0, [3, 4]; ops [1, 2], [2, 3], [3, 4], [4, 5], [5, 6]: 6 ms.
+    # - 4x and 6x keep nothing: the whole arena is the ring (tried already by the other family).
+    prog = program([U] * 4 + [4 * U], [(f"m{i}", (i,), i) for i in range(4)] + [("head", (4,), 4)])
+    costs = cost_model([1] * 5)
+    simple = simple_for(prog, 7 * U)
+    assert [r.weight for r in simple.residents] == [4, 0]
+    assert simulate(simple, costs).total_s == pytest.approx(5 * MS)
+    cands = solve._Candidates(prog, costs, solve.use_runs(prog), simple, 7 * U, ALIGN, ALIGN)
+    solve._ring_sweep(cands)
+    family = {p.note.rsplit("a ring of ", 1)[1]: p for p in cands.plans if p.note.startswith("the simple plan's residents")}
+    assert set(family) == {"1x the largest working set of what it streams", "3x the largest working set of what it streams"}
+    one, three = (family[f"{k}x the largest working set of what it streams"] for k in (1, 3))
+    assert [r.weight for r in one.residents] == [4, 0, 1] and one.predicted_s == pytest.approx(6 * MS)
+    assert [r.weight for r in three.residents] == [4] and three.predicted_s == pytest.approx(6 * MS)
+    for p in cands.plans:
+        assert list(find_problems(p, prog)) == []
+    plan = solve_for(prog, costs, 7 * U)
+    assert_promises(plan, prog, costs, 7 * U)
+    assert plan.predicted_s == pytest.approx(5 * MS)
+
+
 def test_cp_sat_is_skipped_past_its_window_count_and_says_so():
     # 30 ops in windows of one step: 31 windows, more than MAX_WINDOWS. The rounded relaxation and the sweep
     # answer alone (or the simple plan), and the note says why CP-SAT did not.

@@ -18,8 +18,8 @@ resident in order of their resident share there, rings of one to six times the l
 laid out as the simple plan lays out its ring and predicted by `costs.simulate`; on CUDA, where adjacent
 loads merge into one copy, each also with its small resident weights between two streamed neighbours
 streamed (`merge_breakers`). The simple plan's own resident order is tried with rings of the same sizes,
-and of twice the largest working set of what it streams (`_ring_sweep`: no relaxation needed, so for a
-program of any length). Every candidate's small loads wait to share the next load's copy
+and its own residents with rings of those factors times the largest working set of what it streams
+(`_ring_sweep`: no relaxation needed, so for a program of any length). Every candidate's small loads wait to share the next load's copy
 (`plan.coalesce_loads`). The best of them and the simple plan is CP-SAT's hint. Past 600 steps the
 relaxation is windowed (a guide, not a bound), limited to a share of the time limit and skipped where it
 would be too large to build; past MAX_WINDOWS windows CP-SAT is skipped too (a Workload's sequence).
@@ -329,22 +329,34 @@ class _Candidates:
 
 
 def _ring_sweep(cands: _Candidates) -> None:
-    """The simple plan's resident order (`plan.resident_ranking`) with rings of RING_FACTORS times the largest
-    working set, and of twice the largest working set of what the simple plan streams, filled afresh in that
-    order (the simple plan extends its first fill instead, `plan.ring_order`): the ring's size chosen by
-    prediction, for any program's length (no relaxation needed)."""
-    runs, avail = cands.runs, cands.avail
+    """Rings of RING_FACTORS times the largest working set beside the simple plan's resident order
+    (`plan.resident_ranking`), and of RING_FACTORS times the largest working set of what the simple plan
+    streams beside its own residents (in their order, as far as they fit, then more of that order): the
+    ring's size chosen by prediction, for any program's length (no relaxation needed)."""
+    runs, avail, sizes = cands.runs, cands.avail, cands.sizes
     kept = {r.weight for r in cands.simple.residents}
     cands.seen.add(frozenset(kept))  # the simple plan's own resident set is the simple plan
     ranked = resident_ranking(runs)
-    rings = {f"{factor}x the largest working set": factor * cands.need for factor in RING_FACTORS}
+    for factor in RING_FACTORS:
+        cands.add(fill(ranked, sizes, avail - min(avail, int(factor * cands.need))),
+                  f"the simple plan's order: {{n}} weights resident, a ring of {factor}x the largest working set")
     streamed = [r for r in runs if r.weight not in kept]
     if streamed:
         streamed_need = minimum_ring(cands.program, streamed, cands.alignment)[0]
-        rings["twice the largest streamed working set"] = 2 * streamed_need
-    for label, ring in rings.items():
-        cands.add(fill(ranked, cands.sizes, avail - min(avail, int(ring))),
-                  f"the simple plan's order: {{n}} weights resident, a ring of {label}")
+        base = [r.weight for r in cands.simple.residents]  # in the simple plan's order (a kept head first)
+        rest = [w for w in ranked if w not in kept]
+        for factor in RING_FACTORS:
+            capacity = avail - min(avail, int(factor * streamed_need))
+            order, held = [], 0
+            for w in base:
+                if held + sizes[w] > capacity:
+                    break
+                order.append(w)
+                held += sizes[w]
+            if len(order) == len(base):
+                order += fill(rest, sizes, capacity - held)
+            cands.add(order, f"the simple plan's residents: {{n}} weights resident, a ring of {factor}x the "
+                             f"largest working set of what it streams")
     # its merge-aware variant is not the simple plan
     cands.add_merged(sorted(kept, key=cands.first_use.__getitem__), cands.simple, "the simple plan's resident set")
 
