@@ -344,12 +344,13 @@ def test_one_slot_loads_every_weight_just_in_time():
 
 
 def test_fallback_when_no_tier_finds_a_solution_in_time(no_rounding):
-    # 300 ops, two 2 u weights each, at a budget of 12 u: each tier's model has about 60,000 variables, and
-    # 0.2 s of deterministic time (the floor of a tiny time limit) ends in presolve, before any solution:
-    # every tier reports no solution and the simple plan comes back.
+    # 300 ops, two 2 u weights each, at a budget of 12 u, in one window: each tier's model has about 60,000
+    # variables, and 0.2 s of deterministic time (the floor of a tiny time limit) ends in presolve, before any
+    # solution. The window as the hint has it is the hint alone, not an answer: every tier reports no
+    # solution and the simple plan comes back.
     prog = program([128] * 600, [(f"m{i}", (2 * i, 2 * i + 1), i) for i in range(300)])
     costs = cost_model([1] * 300, bytes_per_ms=100)
-    plan = solve_for(prog, costs, 12 * U, SolverSettings(time_limit_s=1e-6))
+    plan = solve_for(prog, costs, 12 * U, SolverSettings(time_limit_s=1e-6, window_steps=400))
     assert_is_simple(plan, prog, costs, 12 * U)
     assert plan.note.count("no solution") == 3
     assert "arena tightened by 10%" in plan.note and "arena tightened by 25%" in plan.note
@@ -385,8 +386,33 @@ def test_fallback_when_no_window_solves(monkeypatch, no_rounding):
     assert_is_simple(plan, H, H_COSTS, H_BUDGET)
     assert plan.note == ("simple plan; solver: no solution; solver, arena tightened by 10% for placement: no "
                          "solution; solver, arena tightened by 25% for placement: no solution")
-    assert len(calls) == 3 and all(limit > 0 for limit in calls)  # one window per tier, then it gives up
+    # per tier, its first window and that window as the hint has it (which fails too here), then it gives up
+    assert len(calls) == 6 and all(limit > 0 for limit in calls)
     assert plan.predicted_s == pytest.approx(36 * MS)
+
+
+def test_a_window_without_a_solution_takes_the_hints_decisions(monkeypatch):
+    # Twelve ops in windows of three steps (five windows). The second window finds no solution in its time
+    # (forced here): it keeps the hint's decisions for its runs, where they fit beside the first window's
+    # answer, and the later windows are solved again; the note says so and the plan keeps every promise.
+    prog = chain([U, 2 * U, U, 3 * U, U, 2 * U, U, U, 2 * U, U, 3 * U, U])
+    costs = cost_model([1, 3, 1, 4, 1, 2, 1, 1, 3, 1, 2, 1], [1.0, 1.5] * 6)
+    real, asked = solve._window, []
+
+    def second_fails(*args, as_hinted=False):
+        lo = args[5]
+        asked.append((lo, as_hinted))
+        return False if lo == 3 and not as_hinted else real(*args, as_hinted=as_hinted)
+
+    monkeypatch.setattr(solve, "_window", second_fails)
+    settings = SolverSettings(time_limit_s=1.0, window_steps=3, lookahead=2, min_gain=0.0)
+    plan = solve_for(prog, costs, 8 * U, settings)
+    assert asked[:6] == [(0, False), (3, False), (3, True), (6, False), (9, False), (12, False)]
+    assert_promises(plan, prog, costs, 8 * U)
+    if plan.status != "fallback":
+        assert "solver (1 of 5 windows as the hint has them)" in plan.note and plan.status == "feasible"
+    else:
+        assert "solver (1 of 5 windows as the hint has them)" in plan.note
 
 
 # A at budget 512 with 5 ms of compute per op: every tier (arena 8 u, 7 u, 6 u) has a solution in the

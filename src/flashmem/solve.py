@@ -24,7 +24,9 @@ and its own residents with rings of those factors times the largest working set 
 relaxation is windowed (a guide, not a bound), limited to a share of the time limit and skipped where it
 would be too large to build; past MAX_WINDOWS windows CP-SAT is skipped too (a Workload's sequence).
 Long programs are solved in a rolling window of steps, each window with what
-earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved). Offsets are
+earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved); a window
+that finds no solution in its time keeps the hint's decisions where they fit beside the earlier windows'
+answers (the hint is a solution of the first window only), and the note counts such windows. Offsets are
 assigned after solving (first fit in time and space). Tiers: the solver's plan; the solver with a tighter
 arena (more room for placement); the rounded relaxation; the simple plan. The plan returned is the one
 predicted fastest, where it beats the simple plan by at least `SolverSettings.min_gain` (else the simple
@@ -74,8 +76,10 @@ class _Decisions:
 
 
 def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostModel, arena_u: int, lo: int, hi: int,
-            done: _Decisions, hint: _Decisions, settings: SolverSettings, time_limit_s: float) -> bool:
-    """Decide the runs whose first use is at a step in [lo, hi); add the decisions to `done`."""
+            done: _Decisions, hint: _Decisions, settings: SolverSettings, time_limit_s: float,
+            as_hinted: bool = False) -> bool:
+    """Decide the runs whose first use is at a step in [lo, hi); add the decisions to `done`. `as_hinted`:
+    take the hint's decisions for them, where they fit beside what earlier windows decided."""
     n_steps = len(costs.steps) + 1
     ns_per_unit = unit / costs.link.bandwidth_bytes_per_s * 1e9  # sizes are in units of `unit` bytes
     overhead_ns = int(round(costs.link.overhead_s * 1e9))
@@ -220,6 +224,7 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
     # One presolve pass: on programs of a few hundred steps (a ViT-L, 34k variables) presolve to a fix point
     # took the whole deterministic time limit, and the search, hint included, never started.
     solver.parameters.max_presolve_iterations = 1
+    solver.parameters.fix_variables_to_their_hinted_value = as_hinted
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return False
@@ -418,13 +423,24 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
     for tier, shrink in tiers:
         arena_u = int(avail * shrink) // alignment
         done = _Decisions()
-        ok = True
+        ok, hinted = True, 0
         for lo in range(0, n_steps, settings.window_steps):
             hi = min(n_steps, lo + settings.window_steps)
             share = budget_s / 3 * (hi - lo) / n_steps
-            if not _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share):
+            if _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share):
+                continue
+            # No solution in its time (the hint is a solution of the first window only, and earlier windows'
+            # answers may differ from it): this window as the hint has it, where that fits beside them.
+            done.optimal = False
+            if not _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share,
+                           as_hinted=True):
                 ok = False
                 break
+            hinted += 1
+        if hinted == n_windows:
+            ok = False  # the hint alone: nothing was solved
+        elif hinted:
+            tier += f" ({hinted} of {n_windows} windows as the hint has them)"
         if not ok:
             notes.append(f"{tier}: no solution")
             continue
