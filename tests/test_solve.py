@@ -555,6 +555,29 @@ def random_case(seed: int):
 
 
 @pytest.mark.parametrize("seed", range(24))
+def test_the_hint_stays_a_solution_of_every_window(seed):
+    # Rolling windows of two steps over random programs, the simple plan as the hint: after each window's
+    # answer (whatever it is), the next window's hint, every variable fixed to it, is still a solution.
+    prog, costs, budget = random_case(seed)
+    try:
+        simple = simple_for(prog, budget)
+    except BudgetTooSmall:
+        return
+    runs = solve.use_runs(prog)
+    size_u = {w.index: -(-w.nbytes // ALIGN) for w in prog.weights}
+    arena_u = solve.arena_limit(budget, prog.activation_bytes, prog.fixed_bytes, ALIGN) // ALIGN
+    hint, done = solve._hint_from(simple, runs), solve._Decisions()
+    settings = SolverSettings(time_limit_s=0.3, seed=seed, window_steps=2, lookahead=3)
+    n_steps = len(prog.ops) + 1
+    for lo in range(0, n_steps, 2):
+        hi = min(n_steps, lo + 2)
+        trial = dataclasses.replace(done, resident=set(done.resident), start=dict(done.start), moved=dict(done.moved))
+        assert solve._window(runs, size_u, ALIGN, costs, arena_u, lo, hi, trial, hint, settings, 0.05, as_hinted=True)
+        if not solve._window(runs, size_u, ALIGN, costs, arena_u, lo, hi, done, hint, settings, 0.05):
+            done = trial  # no answer in time: the hint's
+
+
+@pytest.mark.parametrize("seed", range(24))
 def test_random_programs_keep_the_promises(seed):
     prog, costs, budget = random_case(seed)
     granularity = (1, ALIGN, 2 * ALIGN)[seed % 3]

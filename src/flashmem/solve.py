@@ -24,9 +24,10 @@ and its own residents with rings of those factors times the largest working set 
 relaxation is windowed (a guide, not a bound), limited to a share of the time limit and skipped where it
 would be too large to build; past MAX_WINDOWS windows CP-SAT is skipped too (a Workload's sequence).
 Long programs are solved in a rolling window of steps, each window with what
-earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved); a window
-that finds no solution in its time keeps the hint's decisions where they fit beside the earlier windows'
-answers (the hint is a solution of the first window only), and the note counts such windows. Offsets are
+earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved). Where the
+hint fits the arena, each window keeps the room the hint gives later windows' runs, so that the hint stays
+a solution of every window beside the earlier windows' answers; a window that still finds no solution in
+its time keeps the hint's decisions where they fit, and the note counts such windows. Offsets are
 assigned after solving (first fit in time and space). Tiers: the solver's plan; the solver with a tighter
 arena (more room for placement); the rounded relaxation; the simple plan. The plan returned is the one
 predicted fastest, where it beats the simple plan by at least `SolverSettings.min_gain` (else the simple
@@ -90,6 +91,7 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
     deciding = [u for u, r in enumerate(runs) if lo <= r.first_use + 1 < hi and r.weight not in done.resident]
     decided_weights = {runs[u].weight for u in done.start} | done.resident
     new_weights = sorted({runs[u].weight for u in deciding} - decided_weights)
+    resident_weights = set(new_weights)  # those this window may keep resident
     window_lo = max(0, lo - settings.lookahead)
     held_before = [0] * n_steps  # KiB that earlier windows hold at each step
     moved_before = [0] * n_steps  # KiB that earlier windows move in each step
@@ -109,6 +111,40 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
             later_delta[r.first_use + 1] += size_u[r.weight]
             later_delta[min(r.last_use + 2, n_steps)] -= size_u[r.weight]
     later = list(itertools.accumulate(later_delta))
+    # Where the hint fits this arena, later runs get the room the hint gives them (from its start steps, and
+    # a later weight it keeps resident at every step) instead of the least they need: a later window's hint
+    # then stays a solution beside this window's answer. Later runs of weights decided here hold that room
+    # only where this window streams them (`later_spans`).
+    hint_total = [0] * (n_steps + 1)  # what the hint holds at each step, all runs (difference arrays)
+    hint_room = [0] * (n_steps + 1)  # what it holds for later runs of weights no window has decided
+    later_spans: list[tuple[int, int, int, int]] = []  # (weight, units, first step, last step)
+    counted: set[int] = set()  # weights the hint keeps resident, counted once
+    roomed: set[int] = set()
+    for u, r in enumerate(runs):
+        w, size, f = r.weight, size_u[r.weight], r.first_use + 1
+        start = hint.start.get(u, max(0, f - settings.lookahead))
+        kept = w in hint.resident
+        if kept and w not in counted:
+            counted.add(w)
+            hint_total[0] += size
+            hint_total[n_steps] -= size
+        elif not kept:
+            hint_total[start] += size
+            hint_total[min(r.last_use + 2, n_steps)] -= size
+        if u in done.start or u in deciding_set or w in done.resident:
+            continue  # decided, or deciding now
+        if w in resident_weights:
+            later_spans.append((w, size, start, r.last_use + 1))
+        elif kept and w not in decided_weights:
+            if w not in roomed:
+                roomed.add(w)
+                hint_room[0] += size
+                hint_room[n_steps] -= size
+        else:
+            hint_room[start] += size
+            hint_room[min(r.last_use + 2, n_steps)] -= size
+    use_hint_room = max(itertools.accumulate(hint_total)) <= arena_u
+    hint_room = list(itertools.accumulate(hint_room))
 
     model = cp_model.CpModel()
     # -- variables ----------------------------------------------------------------------------------------
@@ -157,15 +193,26 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
                 terms.append(size * streamed(u))
         return sum(terms)
 
+    def later_kib(s):
+        """The room kept at step s for later windows' runs (see `use_hint_room`)."""
+        if not use_hint_room:
+            return later[s]
+        return hint_room[s] + sum(size * (1 - resident[w]) for w, size, a, b in later_spans if a <= s <= b)
+
+    past = [u for u in deciding if runs[u].last_use + 1 >= hi]  # this window's runs still held after it
     for s in range(window_lo, n_steps):
         if s < hi:
-            model.add(held_kib(s) + held_before[s] <= arena_u)
-        elif resident:  # later runs still need room beside what this window keeps resident
-            model.add(sum(size_u[w] * v for w, v in resident.items()) + held_before[s] + later[s] <= arena_u)
+            model.add(held_kib(s) + held_before[s] + later_kib(s) <= arena_u)
+        elif resident or past:  # later runs still need room beside what this window keeps
+            own = [size_u[runs[u].weight] * streamed(u) for u in past if runs[u].last_use + 1 >= s]
+            model.add(sum(size_u[w] * v for w, v in resident.items()) + sum(own) + held_before[s] + later_kib(s)
+                      <= arena_u)
 
     # -- the hint: the simple plan, complete (every variable), so the search starts from a solution ---------
     hint_resident = {w: int(w in hint.resident) for w in resident}
-    hint_held = {(u, s): int(u in hint.start and hint.start[u] <= s) for (u, s) in held}
+    # A run whose weight the hint keeps resident, where an earlier window streamed it: held from its first step.
+    hint_start = {u: hint.start.get(u, window_of[u][0] if runs[u].weight not in resident else None) for u in deciding}
+    hint_held = {(u, s): int(hint_start[u] is not None and hint_start[u] <= s) for (u, s) in held}
     hint_moved = {}
     for u in deciding:  # the hinted load moves all its bytes in the first step it is held
         first = next((s for s in window_of[u] if hint_held[u, s]), None)
