@@ -76,6 +76,45 @@ class _Decisions:
     optimal: bool = True
 
 
+def _later_room(runs: list[UseRun], size_u: dict[int, int], hint: _Decisions, done: _Decisions,
+                deciding: set[int], resident_weights: set[int], decided_weights: set[int], n_steps: int,
+                lookahead: int, arena_u: int) -> tuple[bool, list[int], list[tuple[int, int, int, int]]]:
+    """The room a window keeps for later windows' runs: whether the hint fits the arena at every step; the
+    units the hint holds at each step for later runs of weights no window has decided (from their hinted
+    start steps, and at every step for a later weight it keeps resident); and (weight, units, first step,
+    last step) for later runs of weights this window decides, held only where it streams them. With that
+    room kept, a later window's hint stays a solution beside this window's answer."""
+    hint_total = [0] * (n_steps + 1)  # what the hint holds at each step, all runs (difference arrays)
+    hint_room = [0] * (n_steps + 1)
+    later_spans: list[tuple[int, int, int, int]] = []
+    counted: set[int] = set()  # weights the hint keeps resident, in hint_total
+    roomed: set[int] = set()  # and in hint_room
+    for u, r in enumerate(runs):
+        w, size, f = r.weight, size_u[r.weight], r.first_use + 1
+        start = hint.start.get(u, max(0, f - lookahead))
+        kept = w in hint.resident
+        if kept and w not in counted:
+            counted.add(w)
+            hint_total[0] += size
+            hint_total[n_steps] -= size
+        elif not kept:
+            hint_total[start] += size
+            hint_total[min(r.last_use + 2, n_steps)] -= size
+        if u in done.start or u in deciding or w in done.resident:
+            continue  # decided, or deciding now
+        if w in resident_weights:
+            later_spans.append((w, size, start, r.last_use + 1))
+        elif kept and w not in decided_weights:
+            if w not in roomed:
+                roomed.add(w)
+                hint_room[0] += size
+                hint_room[n_steps] -= size
+        else:
+            hint_room[start] += size
+            hint_room[min(r.last_use + 2, n_steps)] -= size
+    return (max(itertools.accumulate(hint_total)) <= arena_u, list(itertools.accumulate(hint_room)), later_spans)
+
+
 def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostModel, arena_u: int, lo: int, hi: int,
             done: _Decisions, hint: _Decisions, settings: SolverSettings, time_limit_s: float,
             as_hinted: bool = False) -> bool:
@@ -111,40 +150,8 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
             later_delta[r.first_use + 1] += size_u[r.weight]
             later_delta[min(r.last_use + 2, n_steps)] -= size_u[r.weight]
     later = list(itertools.accumulate(later_delta))
-    # Where the hint fits this arena, later runs get the room the hint gives them (from its start steps, and
-    # a later weight it keeps resident at every step) instead of the least they need: a later window's hint
-    # then stays a solution beside this window's answer. Later runs of weights decided here hold that room
-    # only where this window streams them (`later_spans`).
-    hint_total = [0] * (n_steps + 1)  # what the hint holds at each step, all runs (difference arrays)
-    hint_room = [0] * (n_steps + 1)  # what it holds for later runs of weights no window has decided
-    later_spans: list[tuple[int, int, int, int]] = []  # (weight, units, first step, last step)
-    counted: set[int] = set()  # weights the hint keeps resident, counted once
-    roomed: set[int] = set()
-    for u, r in enumerate(runs):
-        w, size, f = r.weight, size_u[r.weight], r.first_use + 1
-        start = hint.start.get(u, max(0, f - settings.lookahead))
-        kept = w in hint.resident
-        if kept and w not in counted:
-            counted.add(w)
-            hint_total[0] += size
-            hint_total[n_steps] -= size
-        elif not kept:
-            hint_total[start] += size
-            hint_total[min(r.last_use + 2, n_steps)] -= size
-        if u in done.start or u in deciding_set or w in done.resident:
-            continue  # decided, or deciding now
-        if w in resident_weights:
-            later_spans.append((w, size, start, r.last_use + 1))
-        elif kept and w not in decided_weights:
-            if w not in roomed:
-                roomed.add(w)
-                hint_room[0] += size
-                hint_room[n_steps] -= size
-        else:
-            hint_room[start] += size
-            hint_room[min(r.last_use + 2, n_steps)] -= size
-    use_hint_room = max(itertools.accumulate(hint_total)) <= arena_u
-    hint_room = list(itertools.accumulate(hint_room))
+    use_hint_room, hint_room, later_spans = _later_room(runs, size_u, hint, done, deciding_set, resident_weights,
+                                                        decided_weights, n_steps, settings.lookahead, arena_u)
 
     model = cp_model.CpModel()
     # -- variables ----------------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
         return sum(terms)
 
     def later_kib(s):
-        """The room kept at step s for later windows' runs (see `use_hint_room`)."""
+        """The room kept at step s for later windows' runs (`_later_room` where the hint fits)."""
         if not use_hint_room:
             return later[s]
         return hint_room[s] + sum(size * (1 - resident[w]) for w, size, a, b in later_spans if a <= s <= b)
@@ -476,8 +483,8 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
             share = budget_s / 3 * (hi - lo) / n_steps
             if _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share):
                 continue
-            # No solution in its time (the hint is a solution of the first window only, and earlier windows'
-            # answers may differ from it): this window as the hint has it, where that fits beside them.
+            # No solution in its time: this window as the hint has it, where that fits beside the earlier
+            # windows' answers (it does wherever the hint fits this tier's arena, `_later_room`).
             done.optimal = False
             if not _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share,
                            as_hinted=True):
