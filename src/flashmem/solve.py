@@ -26,8 +26,9 @@ would be too large to build; past MAX_WINDOWS windows CP-SAT is skipped too (a W
 Long programs are solved in a rolling window of steps, each window with what
 earlier windows decided fixed, and the hint complete (resident set, start steps, bytes moved). Where the
 hint fits the arena, each window keeps the room the hint gives later windows' runs, so that the hint stays
-a solution of every window beside the earlier windows' answers; a window that still finds no solution in
-its time keeps the hint's decisions where they fit, and the note counts such windows. Offsets are
+a solution of every window beside the earlier windows' answers; a later window that still finds no
+solution in its time keeps the hint's decisions where they fit, and the note counts such windows (where
+the first window finds none, the tier gives up). Offsets are
 assigned after solving (first fit in time and space). Tiers: the solver's plan; the solver with a tighter
 arena (more room for placement); the rounded relaxation; the simple plan. The plan returned is the one
 predicted fastest, where it beats the simple plan by at least `SolverSettings.min_gain` (else the simple
@@ -483,17 +484,16 @@ def solve_plan(program: Program, costs: CostModel, *, budget_bytes: int, device:
             share = budget_s / 3 * (hi - lo) / n_steps
             if _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share):
                 continue
-            # No solution in its time: this window as the hint has it, where that fits beside the earlier
-            # windows' answers (it does wherever the hint fits this tier's arena, `_later_room`).
+            # No solution in its time. In the first window CP-SAT cannot cope at this size: the tier gives up.
+            # Later, this window as the hint has it, where that fits beside the earlier windows' answers (it
+            # does wherever the hint fits this tier's arena, `_later_room`).
             done.optimal = False
-            if not _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share,
-                           as_hinted=True):
+            if lo == 0 or not _window(runs, size_u, alignment, costs, arena_u, lo, hi, done, hint, settings, share,
+                                      as_hinted=True):
                 ok = False
                 break
             hinted += 1
-        if hinted == n_windows:
-            ok = False  # the hint alone: nothing was solved
-        elif hinted:
+        if hinted:
             tier += f" ({hinted} of {n_windows} windows as the hint has them)"
         if not ok:
             notes.append(f"{tier}: no solution")
