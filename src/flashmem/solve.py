@@ -85,34 +85,28 @@ def _later_room(runs: list[UseRun], size_u: dict[int, int], hint: _Decisions, do
     start steps, and at every step for a later weight it keeps resident); and (weight, units, first step,
     last step) for later runs of weights this window decides, held only where it streams them. With that
     room kept, a later window's hint stays a solution beside this window's answer."""
-    hint_total = [0] * (n_steps + 1)  # what the hint holds at each step, all runs (difference arrays)
+    # difference arrays: what the hint holds at each step for all runs, and for later runs of undecided weights
+    hint_total = [0] * (n_steps + 1)
     hint_room = [0] * (n_steps + 1)
+    kept_later: set[int] = set()  # later weights no window has decided that the hint keeps resident
     later_spans: list[tuple[int, int, int, int]] = []
-    counted: set[int] = set()  # weights the hint keeps resident, in hint_total
-    roomed: set[int] = set()  # and in hint_room
     for u, r in enumerate(runs):
-        w, size, f = r.weight, size_u[r.weight], r.first_use + 1
-        start = hint.start.get(u, max(0, f - lookahead))
-        kept = w in hint.resident
-        if kept and w not in counted:
-            counted.add(w)
-            hint_total[0] += size
-            hint_total[n_steps] -= size
-        elif not kept:
+        w, size = r.weight, size_u[r.weight]
+        start, end = hint.start.get(u, max(0, r.first_use + 1 - lookahead)), min(r.last_use + 2, n_steps)
+        if w not in hint.resident:
             hint_total[start] += size
-            hint_total[min(r.last_use + 2, n_steps)] -= size
+            hint_total[end] -= size
         if u in done.start or u in deciding or w in done.resident:
             continue  # decided, or deciding now
         if w in resident_weights:
             later_spans.append((w, size, start, r.last_use + 1))
-        elif kept and w not in decided_weights:
-            if w not in roomed:
-                roomed.add(w)
-                hint_room[0] += size
-                hint_room[n_steps] -= size
+        elif w in hint.resident and w not in decided_weights:
+            kept_later.add(w)
         else:
             hint_room[start] += size
-            hint_room[min(r.last_use + 2, n_steps)] -= size
+            hint_room[end] -= size
+    hint_total[0] += sum(size_u[w] for w in hint.resident)
+    hint_room[0] += sum(size_u[w] for w in kept_later)
     return (max(itertools.accumulate(hint_total)) <= arena_u, list(itertools.accumulate(hint_room)), later_spans)
 
 
