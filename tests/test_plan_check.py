@@ -296,22 +296,16 @@ def test_e_the_ring_shrinks_to_what_streams():
 F = program([100] * 4 + [500], [(f"m{i}", (i,), i) for i in range(4)] + [("head", (4,), 4)])
 
 
-def test_f_the_head_stays_so_the_ring_shrinks():
-    # Budget 896: a ring of twice the head (1024 B) would take it all, nothing resident, 900 B streamed.
-    # Keeping the head resident (512 B) shrinks the ring to twice 128 B, 768 B less: so the head stays, and
-    # in the 128 B that leaves, W0 (first by first use). W1-W3 stream through the ring [640, 896): W1 -> 640
-    # and W2 -> 768 at op 0, W3 wraps to 640, which W1 holds until op 1: issued at op 2. 300 B streamed.
-    # Keeping W1 too would shrink the ring by nothing.
+def test_f_the_head_streams_through_a_ring_of_twice_it():
+    # Budget 896 (the five weights take 1024 B): a ring of twice the head (1024 B) does not fit beside any
+    # resident, so all five stream through the whole arena, 900 B. Keeping the head resident instead would
+    # shrink the ring to twice 128 B and keep W0 too (300 B streamed), but a ring of two slots makes every
+    # copy wait for the op just before it: on an H200 a GPT-Neo-2.7B shape at 1 GiB ran 7% slower that way
+    # (BENCHMARKS.md), so the simple plan keeps the deeper ring.
     plan = plan_for(F, 896)
-    assert [(r.weight, r.offset_bytes) for r in plan.residents] == [(4, 0), (0, 512)]
-    assert loads_as_tuples(plan) == [(1, 0, 1, 1, 1, 640), (2, 0, 2, 2, 2, 768), (3, 2, 3, 3, 3, 640)]
-    assert plan.streamed_bytes == 300 and plan.arena_bytes == 896
-    assert_valid(plan, F)
-    assert_movers_keep_it(plan, F)
-    # With 767 B the head and a 256 B ring do not fit beside each other: all five stream.
-    plan = plan_for(F, 767)
     assert plan.residents == () and plan.streamed_bytes == 900
     assert_valid(plan, F)
+    assert_movers_keep_it(plan, F)
 
 
 # Program B: a container with its own weight around two nested ops, and the container's weight used

@@ -247,22 +247,20 @@ def test_overhead_counts_per_copy():
     assert simulate(simple_for(A, 384), costs).total_s == pytest.approx(13 * MS)
 
 
-def test_a_weight_loaded_twice_stays_beside_a_smaller_ring():
+def test_the_ring_sweep_keeps_a_weight_loaded_twice_with_a_smaller_ring():
     # W0 (4 u) is used by op 0 and again by op 6 (two loads), W1-W5 (1 u each) by ops 1-5; 1 ms of compute per
-    # op, an 8 u arena (9 u of weights), the link 1 u a ms. A ring of twice the largest working set (W0's
-    # 4 u) would take the whole arena, nothing resident: W0 at 0 [0, 4], W1-W4 at 4-7 [4, 8]; W5 wraps to 0
-    # (free after op 0), [8, 9]; W0 again at 1-4 (free after op 1), behind it [9, 13]. Ops [4, 5], [5, 6],
-    # [6, 7], [7, 8], [8, 9], [9, 10], [13, 14]: 14 ms.
-    # The simple plan keeps W0 resident instead (the ring then needs twice 1 u: 6 u less), and W1, W2 in
-    # the 2 u that leaves; W3, W4 stream at op 0 [0, 1], [1, 2], W5 over W3's bytes after op 3, [4, 5]: ops
-    # [0, 1] ... [6, 7], 7 ms. The sweep's ring of 1x the largest working set (4 u) keeps W0 and streams
-    # W1-W5: W1-W4 [0, 4], W5 over W1's bytes after op 1, [4, 5]: also 7 ms.
+    # op, an 8 u arena (9 u of weights). The simple plan aims its ring at twice the largest working set (W0's
+    # 4 u): 8 u, nothing resident. W0 at 0 [0, 4], W1-W4 at 4-7 [4, 8]; W5 wraps to 0 (free after op 0),
+    # [8, 9]; W0 again at 1-4 (free after op 1), behind it [9, 13]. Ops [4, 5], [5, 6], [6, 7], [7, 8],
+    # [8, 9], [9, 10], [13, 14]: 14 ms.
+    # The sweep's ring of 1x the largest working set (4 u) leaves 4 u for the simple plan's first-ranked
+    # weight, W0 (loaded most often): W1-W4 [0, 4] through the 4 u ring, W5 over W1's bytes after op 1,
+    # [4, 5]; ops [0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6], [6, 7]: 7 ms.
     prog = program([4 * U] + [U] * 5, [("m0", (0,), 0)] + [(f"m{i}", (i,), i) for i in range(1, 6)]
                    + [("m6", (0,), 6)])
     costs = cost_model([1] * 7)
     simple = simple_for(prog, 8 * U)
-    assert [r.weight for r in simple.residents] == [0, 1, 2]
-    assert simulate(simple, costs).total_s == pytest.approx(7 * MS)
+    assert simple.residents == () and simulate(simple, costs).total_s == pytest.approx(14 * MS)
     cands = solve._Candidates(prog, costs, solve.use_runs(prog), simple, 8 * U, ALIGN, ALIGN)
     solve._ring_sweep(cands)
     one = [p for p in cands.plans if p.note == "the simple plan's order: 1 weights resident, a ring of 1x the "
@@ -277,33 +275,36 @@ def test_a_weight_loaded_twice_stays_beside_a_smaller_ring():
 
 
 def test_the_ring_sweep_varies_the_ring_beside_the_simple_plans_own_residents():
-    # An untied head much larger than the rest: W0-W3 (1 u) used by ops 0-3, W4 (4 u) by op 4; 1 ms of
-    # compute per op, a 7 u arena, the link 1 u a ms. The simple plan keeps the head resident (the ring then
-    # needs twice 1 u instead of twice 4 u) and W0; W1-W3 stream through a 2 u ring: W1 [0, 1], W2 [1, 2],
-    # W3 over W1's bytes after op 1, [2, 3]; ops [0, 1] ... [4, 5]: 5 ms, its compute.
-    # Beside its residents, in their order, the sweep tries rings of RING_FACTORS times 1 u:
-    # - 1x: W4, W0 and one more, W1, resident; W2 [0, 1], W3 over W2's bytes after op 2, [3, 4]: ops [0, 1],
-    #   [1, 2], [2, 3], [4, 5], [5, 6]: 6 ms.
-    # - 1.5x and 2x leave the simple plan's set; 3x keeps only W4 (W0 no longer fits): W0 [0, 1], W1 [1, 2],
-    #   W2 [2, 3], W3 over W0's bytes after op 0, [3, 4]; ops [1, 2], [2, 3], [3, 4], [4, 5], [5, 6]: 6 ms.
-    # - 4x and 6x keep nothing: the whole arena is the ring (tried already by the other family).
-    prog = program([U] * 4 + [4 * U], [(f"m{i}", (i,), i) for i in range(4)] + [("head", (4,), 4)])
-    costs = cost_model([1] * 5)
-    simple = simple_for(prog, 7 * U)
-    assert [r.weight for r in simple.residents] == [4, 0]
-    assert simulate(simple, costs).total_s == pytest.approx(5 * MS)
-    cands = solve._Candidates(prog, costs, solve.use_runs(prog), simple, 7 * U, ALIGN, ALIGN)
+    # A tied weight at both ends: W0 (2 u) used by ops 0 and 6, W1-W5 (1 u) by ops 1-5; 1 ms of compute per
+    # op, a 6 u arena, the link 1 u a ms. The simple plan keeps W0 beside a ring of twice it (4 u); what still
+    # streams needs 1 u at once, so the ring shrinks to 2 u and W1, W2 stay too. W3 [0, 1], W4 [1, 2], W5
+    # over W3's bytes after op 3, [4, 5]; ops [0, 1] ... [6, 7]: 7 ms, its compute.
+    # The first family (rings of RING_FACTORS times W0's 2 u beside the simple plan's order) gives {W0, W1}
+    # (1.5x: W2 [0, 1], W3 [1, 2], W4 [2, 3], W5 over W2's bytes after op 2, [3, 4]: 7 ms), {W0} (2x: W1-W4
+    # [0, 4], W5 over W1's after op 1, [4, 5]: 7 ms) and {} (3x and up; W0 loaded twice: 10 ms).
+    # The second family, rings of RING_FACTORS times 1 u beside W0, W1, W2 in their order: 1x keeps W3
+    # too, W4 [0, 1], W5 over W4's bytes after op 4, [5, 6]; ops [0, 1] ... [4, 5], [6, 7], [7, 8]: 8 ms.
+    # 1.5x and 2x give the simple plan's own set, 3x {W0, W1} and 4x {W0}, which the first family has.
+    prog = program([2 * U] + [U] * 5, [("m0", (0,), 0)] + [(f"m{i}", (i,), i) for i in range(1, 6)]
+                   + [("m6", (0,), 6)])
+    costs = cost_model([1] * 7)
+    simple = simple_for(prog, 6 * U)
+    assert [r.weight for r in simple.residents] == [0, 1, 2]
+    assert simulate(simple, costs).total_s == pytest.approx(7 * MS)
+    cands = solve._Candidates(prog, costs, solve.use_runs(prog), simple, 6 * U, ALIGN, ALIGN)
     solve._ring_sweep(cands)
-    family = {p.note.rsplit("a ring of ", 1)[1]: p for p in cands.plans if p.note.startswith("the simple plan's residents")}
-    assert set(family) == {"1x the largest working set of what it streams", "3x the largest working set of what it streams"}
-    one, three = (family[f"{k}x the largest working set of what it streams"] for k in (1, 3))
-    assert [r.weight for r in one.residents] == [4, 0, 1] and one.predicted_s == pytest.approx(6 * MS)
-    assert [r.weight for r in three.residents] == [4] and three.predicted_s == pytest.approx(6 * MS)
+    first = {p.note.rsplit("a ring of ", 1)[1]: p for p in cands.plans if p.note.startswith("the simple plan's order")}
+    assert {k: ([r.weight for r in p.residents], round(p.predicted_s / MS, 6)) for k, p in first.items()} == {
+        "1.5x the largest working set": ([0, 1], 7), "2x the largest working set": ([0], 7),
+        "3x the largest working set": ([], 10)}
+    second = [p for p in cands.plans if p.note.startswith("the simple plan's residents")]
+    assert [p.note.rsplit("a ring of ", 1)[1] for p in second] == ["1x the largest working set of what it streams"]
+    assert [r.weight for r in second[0].residents] == [0, 1, 2, 3] and second[0].predicted_s == pytest.approx(8 * MS)
     for p in cands.plans:
         assert list(find_problems(p, prog)) == []
-    plan = solve_for(prog, costs, 7 * U)
-    assert_promises(plan, prog, costs, 7 * U)
-    assert plan.predicted_s == pytest.approx(5 * MS)
+    plan = solve_for(prog, costs, 6 * U)
+    assert_promises(plan, prog, costs, 6 * U)
+    assert plan.predicted_s == pytest.approx(7 * MS)
 
 
 def test_cp_sat_is_skipped_past_its_window_count_and_says_so():

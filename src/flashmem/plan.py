@@ -26,7 +26,6 @@ PLAN_FORMAT = 1
 # copies of 64 KiB moved 8.5 GB/s and of 1 MiB 48 GB/s, against 55 GB/s for large ones, and a CUDA graph
 # adds 3-6 us a copy. On CUDA such a load waits to move in one copy with the load after it (`coalesce_loads`).
 SMALL_LOAD_BYTES = 2**20
-RING_ROUNDS = 32  # ring_order's rounds of keeping more resident beside a smaller ring (a few in practice)
 
 
 @dataclass(frozen=True)
@@ -416,35 +415,20 @@ def resident_ranking(runs: list[UseRun]) -> list[int]:
 
 def ring_order(program: Program, runs: list[UseRun], ranked: list[int], sizes: dict[int, int], avail: int,
                need: int, alignment: int) -> list[int]:
-    """The weights `simple_plan` keeps resident in `avail` bytes of arena, beside a ring of twice the largest
-    working set of what streams (room for a load for the op in progress and one for the next). First those
-    of `ranked` that fit beside twice the largest working set of all (`need`). Then, while what still
-    streams needs less: more of `ranked`, in the room the smaller ring leaves (a tied embedding, loaded at
-    both ends of a call, stays resident, and the ring shrinks to the next largest working set); or the
-    weights of the op that needs the most, where keeping them resident shrinks the ring by more than they
-    take (an untied LM head much larger than a block's matrices: the ring then holds two of those instead
-    of two heads). Weights are only added, in that order."""
+    """The weights of `ranked` that `simple_plan` keeps resident in `avail` bytes of arena: those that fit
+    beside a ring of twice the largest working set (`need`); where that working set stays resident (a tied
+    embedding, loaded at both ends of a call), then more of them, beside a ring of twice the largest working
+    set of what still streams. The ring holds a load for the op in progress and one for the next. A large
+    untied LM head streams through twice its size: keeping it resident to shrink the ring to two of a
+    block's matrices made every copy wait for the op before it (7% slower on an H200, BENCHMARKS.md)."""
     order = fill(ranked, sizes, avail - min(avail, 2 * need))
     kept = set(order)
-    for _ in range(RING_ROUNDS):
-        streamed = [r for r in runs if r.weight not in kept]
-        if not streamed:
-            break
-        peak, step = minimum_ring(program, streamed, alignment)
-        held = sum(sizes[w] for w in order)
-        room = avail - 2 * peak - held
-        more = fill([w for w in ranked if w not in kept], sizes, room) if room > 0 else []
-        if not more:
-            top = list(dict.fromkeys(r.weight for r in streamed if r.first_use <= step <= r.last_use))
-            top_set = set(top)
-            rest = [r for r in streamed if r.weight not in top_set]
-            after = minimum_ring(program, rest, alignment)[0] if rest else 0
-            cost = sum(sizes[w] for w in top)
-            if 2 * (peak - after) <= cost or held + cost + 2 * after > avail:
-                break
-            more = top
-        order += more
-        kept.update(more)
+    streamed = [r for r in runs if r.weight not in kept]
+    if streamed:
+        less = minimum_ring(program, streamed, alignment)[0]
+        room = avail - min(avail, 2 * less) - sum(sizes[w] for w in order)
+        if less < need and room > 0:
+            order += fill([w for w in ranked if w not in kept], sizes, room)
     return order
 
 

@@ -397,7 +397,7 @@ def _ring_sweep(cands: _Candidates) -> None:
     streamed = [r for r in runs if r.weight not in kept]
     if streamed:
         streamed_need = minimum_ring(cands.program, streamed, cands.alignment)[0]
-        base = [r.weight for r in cands.simple.residents]  # in the simple plan's order (a kept head first)
+        base = [r.weight for r in cands.simple.residents]  # in the simple plan's order (a tied weight first)
         rest = [w for w in ranked if w not in kept]
         for factor in RING_FACTORS:
             capacity = avail - min(avail, int(factor * streamed_need))
