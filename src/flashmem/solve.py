@@ -264,9 +264,11 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
 
     # -- solve -----------------------------------------------------------------------------------------
     solver = cp_model.CpSolver()
-    # A deterministic time limit (and interleaved workers) make the answer depend on the seed alone.
+    # A deterministic time limit (and interleaved workers) make the answer depend on the seed alone. The wall
+    # clock only caps a runaway: 2 s more than 4x, so that a loaded machine (its deterministic time passing
+    # slower) does not cut a short window early and change the answer.
     solver.parameters.max_deterministic_time = max(time_limit_s, 0.2)
-    solver.parameters.max_time_in_seconds = 4 * max(time_limit_s, 0.2)
+    solver.parameters.max_time_in_seconds = 4 * max(time_limit_s, 0.2) + 2.0
     solver.parameters.num_workers = settings.workers
     solver.parameters.interleave_search = True
     solver.parameters.random_seed = settings.seed
