@@ -81,6 +81,22 @@ def test_a_link_slowed_by_compute_raises_the_bound():
     assert tl.total_s == pytest.approx(9.5 * MS)
 
 
+def test_the_wait_on_the_copy_stream_comes_after_a_steps_own_loads():
+    # Two 1 u weights for ops of 0 ms in a 1 u arena, 1 u per ms: both stream, each after the op before it
+    # released the arena, 2 ms of loads. A step that uses a load first then waits wait_s (0.5 ms) for the
+    # copy stream, after its own load arrived, so each op's interval is 1.5 ms: 3 ms, as `simulate` has it.
+    prog = chain([U, U])
+    costs = dataclasses.replace(cost_model([0, 0], bytes_per_ms=U), wait_s=0.5 * MS)
+    assert bound(prog, cost_model([0, 0], bytes_per_ms=U), U).latency_s == pytest.approx(2 * MS, rel=1e-6)
+    assert bound(prog, costs, U).latency_s == pytest.approx(3 * MS, rel=1e-6)
+    assert simulate(simple_for(prog, U), costs).total_s == pytest.approx(3 * MS)
+    # In 1.5 u half of each weight may stay (op 0 holds W0's 1 u and W1's resident half). Each op waits for
+    # its other half, 0.5 ms, then pays half a wait_s, 0.25 ms: 1.5 ms.
+    mid = bound(prog, costs, 3 * U // 2)
+    assert mid.latency_s == pytest.approx(1.5 * MS, rel=1e-6)
+    assert mid.resident_share == pytest.approx((0.5, 0.5))
+
+
 @pytest.mark.parametrize("arena", [5 * U, 6 * U, 7 * U])
 def test_container_runs_release_before_the_next_op_waits(arena):
     # B: a container op holds W0 (256 B in the arena) around two children that use W1 and W2 (64 B each).
@@ -129,6 +145,12 @@ def test_random_programs_bound_every_plan(seed):
     if costs.link_busy_factor < 1.0:
         unslowed = dataclasses.replace(costs, link_busy_factor=1.0)
         assert bound(prog, unslowed, avail).latency_s <= b.latency_s + 1e-12
+    # the wait on the copy stream is part of the bound: it can only raise it, and stays below every plan
+    waited = dataclasses.replace(costs, wait_s=costs.compute_s / max(1, len(costs.steps)) + 1e-4)
+    w = bound(prog, waited, avail)
+    assert b.latency_s - 1e-12 <= w.latency_s <= simulate(simple, waited).total_s * (1 + 1e-6) + 1e-12
+    assert w.latency_s <= simulate(baseline, waited).total_s * (1 + 1e-6) + 1e-12
+    assert w.latency_s <= solve_for(prog, waited, budget).predicted_s * (1 + 1e-6) + 1e-12
     # slower links only raise it
     slower = dataclasses.replace(costs, link=dataclasses.replace(costs.link, bandwidth_bytes_per_s=costs.link.bandwidth_bytes_per_s / 2))
     assert bound(prog, slower, avail).latency_s >= b.latency_s - 1e-12

@@ -8,8 +8,11 @@ The relaxation keeps what every plan obeys and drops what makes plans hard:
   before it released theirs;
 - a streamed use run's bytes all arrive before its first op and stay until its last op ends;
 - the link moves at most `bandwidth` bytes per second while ops wait and `link_busy_factor` times that
-  while they compute, as `simulate` moves it (per-copy overheads and `wait_s` are dropped: the wait_s of a
-  simulated step counts as wait here, where the link moves at most its idle rate);
+  while they compute, as `simulate` moves it (per-copy overheads are dropped: loads that follow each other
+  may share one copy);
+- an op that first uses a streamed run waits `wait_s` (CUDA: the dependency on the copy stream, which
+  `simulate` adds to every step that uses a load first) after its own loads arrived, counted at the
+  largest streamed share of its first runs; the link moves at its idle rate then, as in `simulate`;
 - the arena holds the resident bytes, the runs in use and the bytes already arrived for later runs
   (a plan reserves a load's whole span at its start, so it holds at least that).
 A weight may be partly resident and a load may arrive in pieces over several steps. Every plan flashmem
@@ -82,6 +85,10 @@ def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignmen
     # its wait.
     f = costs.link_busy_factor
     compute_ms = [s.compute_s * 1e3 for s in costs.steps]
+    # `simulate` adds wait_s to a step after the wait for its own loads: op k's own arrivals in its interval
+    # fit the wait less wait_s x q[k], where q[k] (`pays`) is at least each of its first runs' streamed share.
+    wait_ms = costs.wait_s * 1e3
+    pays: dict[int, object] = {}
     w = [lp.NumVar(0.0, inf, "") for _ in range(n)]
     memory = [lp.Constraint(-inf, 0.0) for _ in range(n)]
     link = [lp.Constraint(-inf, f * mb_per_ms * compute_ms[k]) for k in range(n)]
@@ -140,6 +147,13 @@ def latency_bound(program: Program, costs: CostModel, arena_bytes: int, alignmen
             whole = lp.Constraint(1.0, 1.0)  # all of the streamed part is in place when op `first` starts
             whole.SetCoefficient(prev, 1.0)
             whole.SetCoefficient(r, 1.0)
+            if wait_ms > 0:  # op `first` pays wait_s where the run streams: q >= 1 - rho
+                if first not in pays:
+                    pays[first] = lp.NumVar(0.0, 1.0, "")
+                    link_waiting[first].SetCoefficient(pays[first], mb_per_ms * wait_ms)
+                paid = lp.Constraint(1.0, inf)
+                paid.SetCoefficient(pays[first], 1.0)
+                paid.SetCoefficient(r, 1.0)
             for j in range(first, last + 1):  # held while its ops run
                 in_use[j] += mb
                 held[j] -= mb
