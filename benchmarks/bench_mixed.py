@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -138,7 +139,8 @@ def parse_args(argv=None):
                    "steps are scaled down to it")
     p.add_argument("--save-costs", help="folder each streamed child writes its profiled costs (CostModel JSON), "
                    "its program (pickle), its plan (JSON) and on CUDA one call's measured timeline (JSON) to, for "
-                   "planning offline with the same numbers")
+                   "planning offline with the same numbers; the parent then packs the folder into one "
+                        "FOLDER.tar.gz, a single file to carry back from a remote machine")
     p.add_argument("--plot", help="where the ablation plot goes (default $OUT/ablation.png, else the workdir)")
     p.add_argument("--time-limit", type=float, default=470, help="seconds; runs not started by then are skipped "
                    "(a run still going gets at most 30 s more)")
@@ -569,6 +571,9 @@ def main(argv=None) -> int:
         result["plot"] = str(plot_path)
     except Exception as e:  # noqa: BLE001 - the table still prints
         result["plot"] = f"failed: {type(e).__name__}: {e}"
+    if args.save_costs and Path(args.save_costs).is_dir():
+        folder = Path(args.save_costs).resolve()
+        result["saved_costs"] = shutil.make_archive(str(folder), "gztar", root_dir=folder.parent, base_dir=folder.name)
     save()
 
     print()
@@ -578,6 +583,7 @@ def main(argv=None) -> int:
           f"at start {result['loadavg_start'][0]:.2f}, at end {result['loadavg_end'][0]:.2f} (other processes skew "
           f"timings)")
     print(f"workdir {workdir}; {time.perf_counter() - t0:.0f} s in all; plot {result['plot']}"
+          + (f"; costs packed in {result['saved_costs']}" if result.get("saved_costs") else "")
           + (f"; rows in {out / 'bench_mixed.json'}" if out else ""))
     for r in rows:
         where = f"{r['model']} {r['mode']} {r.get('fraction') or ''}".strip()
