@@ -10,7 +10,8 @@ cross the link in step s (what moves in step f adds to that step's compute inste
 Loads start in order of first use (one copy queue). Per step, the bytes held fit the arena; the step
 lasts at least its compute (longer by the measured slowdown while the link is busy) and at least its
 transfer (bytes over the link's rate beside compute, `link_busy_factor` times its idle bandwidth, in a
-step that computes, plus a per-copy overhead). The objective is the sum of step times, plus
+step that computes, plus a per-copy overhead); a step that uses a streamed run first also waits `wait_s`
+for the copy stream, after its own loads, as `costs.simulate` has it. The objective is the sum of step times, plus
 `resident_weight` per resident byte (the paper's lambda).
 
 Before CP-SAT, the latency bound's linear relaxation (`bound.py`) is rounded into candidate plans: weights
@@ -225,10 +226,28 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
     scale = max(1, int(1000 / ns_per_unit))  # ns per size unit, kept as a fraction over `scale`
     coef = int(round(ns_per_unit * scale))  # at the idle rate: what the link moves while its op waits
     coef_busy = int(round(ns_per_unit * scale / costs.link_busy_factor))  # beside compute (the same if 1.0)
+    # A step that uses a load first pays wait_s (the dependency on the copy stream, as `simulate` adds it)
+    # after its own loads: `pays[s]` is 1 where one of its first runs streams.
+    wait_ns = int(round(costs.wait_s * 1e9))
+    first_at: dict[int, list[int]] = {}
+    for u in deciding:
+        first_at.setdefault(runs[u].first_use + 1, []).append(u)
+    streamed_before = {runs[u].first_use + 1 for u in done.start}
     for s in range(window_lo, min(hi, n_steps)):
         moves = [u for u in deciding if (u, s) in moved]
         t = model.new_int_var(compute_ns[s], 10**13, f"step_time_{s}")
-        t_hint = compute_ns[s]
+        pay, pay_hint = 0, 0
+        if wait_ns and (s in streamed_before or s in first_at):
+            pay_hint = int(s in streamed_before or any(hint_start[u] is not None for u in first_at.get(s, [])))
+            if s in streamed_before:
+                pay = 1
+            else:
+                pay = model.new_bool_var(f"pays_{s}")
+                for u in first_at[s]:
+                    model.add(pay >= streamed(u))
+                model.add_hint(pay, pay_hint)
+            model.add(t >= compute_ns[s] + wait_ns * pay)
+        t_hint = compute_ns[s] + wait_ns * pay_hint
         if moves or moved_before[s]:
             starts = [held[u, s] - (held[u, s - 1] if (u, s - 1) in held else 0) for u in moves]
             rate = coef_busy if compute_ns[s] > 0 else coef  # step 0 and ops of no compute: the idle link
@@ -239,8 +258,9 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
             t_hint = max(t_hint, -(-rate * moved_hint // scale) + overhead_ns * starts_hint)
             waited = [u for u in moves if runs[u].first_use + 1 == s]
             if waited:  # the op waits for what moves in its own step: that transfer adds to its compute
-                model.add(scale * t >= scale * compute_ns[s] + coef * sum(moved[u, s] for u in waited))
-                t_hint = max(t_hint, compute_ns[s] - (-coef * sum(hint_moved[u, s] for u in waited) // scale))
+                model.add(scale * t >= scale * (compute_ns[s] + wait_ns * pay) + coef * sum(moved[u, s] for u in waited))
+                t_hint = max(t_hint, compute_ns[s] + wait_ns * pay_hint
+                             - (-coef * sum(hint_moved[u, s] for u in waited) // scale))
             if slowdown[s] > 1.02:
                 busy = model.new_bool_var(f"busy_{s}")
                 extra_ns = int((slowdown[s] - 1.0) * compute_ns[s])
