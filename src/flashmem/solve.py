@@ -227,7 +227,8 @@ def _window(runs: list[UseRun], size_u: dict[int, int], unit: int, costs: CostMo
     coef = int(round(ns_per_unit * scale))  # at the idle rate: what the link moves while its op waits
     coef_busy = int(round(ns_per_unit * scale / costs.link_busy_factor))  # beside compute (the same if 1.0)
     # A step that uses a load first pays wait_s (the dependency on the copy stream, as `simulate` adds it)
-    # after its own loads: `pays[s]` is 1 where one of its first runs streams.
+    # after its own loads: `pay` is 1 where one of its first runs streams (always, where an earlier window
+    # streamed one).
     wait_ns = int(round(costs.wait_s * 1e9))
     first_at: dict[int, list[int]] = {}
     for u in deciding:
